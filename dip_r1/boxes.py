@@ -1,0 +1,75 @@
+"""Box operations shared by the rewards, the metrics and the data readers.
+
+All boxes are float tensors in corner form ``[x1, y1, x2, y2]`` (xyxy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def empty_boxes() -> Tensor:
+    """A ``Tensor[0, 4]`` of float32 boxes."""
+    return torch.zeros((0, 4), dtype=torch.float32)
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``.
+
+    >>> xywh_to_xyxy(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist()
+    [[1.0, 2.0, 4.0, 6.0]]
+    """
+    return torch.cat([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of each box, ``Tensor[N]``; degenerate boxes have area 0."""
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def _intersection(a: Tensor, b: Tensor) -> Tensor:
+    # a: [N, 4], b: [M, 4] -> [N, M]
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise intersection over union, ``Tensor[N, M]``.
+
+    >>> box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 0, 3, 2], [5.0, 5, 6, 6]]))
+    tensor([[0.3333, 0.0000]])
+    """
+    inter = _intersection(a, b)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def box_ioa(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise intersection over the area of ``a`` (the CrowdHuman / CityPersons ignore rule).
+
+    >>> box_ioa(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 0, 3, 2]]))
+    tensor([[0.5000]])
+    """
+    inter = _intersection(a, b)
+    area = box_area(a)[:, None]
+    return torch.where(area > 0, inter / area.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def clip_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
+    """Clip boxes to the image ``[0, width] x [0, height]``."""
+    out = boxes.clone()
+    out[..., 0::2] = out[..., 0::2].clamp(0, width)
+    out[..., 1::2] = out[..., 1::2].clamp(0, height)
+    return out
+
+
+def valid_boxes(boxes: Tensor) -> Tensor:
+    """Mask of boxes with finite coordinates and positive width and height, ``Tensor[N]`` bool."""
+    if boxes.numel() == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool)
+    finite = torch.isfinite(boxes).all(dim=-1)
+    return finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
