@@ -1,0 +1,222 @@
+"""Build a policy: a vision-language model and its processor from a local path, with LoRA or QLoRA as flags.
+
+Everything family-specific lives in ``FAMILIES``; the rest goes through ``AutoModelForImageTextToText`` and
+``AutoProcessor``. peft and bitsandbytes are imported only when LoRA or quantisation is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What the data side needs to know of a model family."""
+
+    coordinates: Literal["absolute", "relative-1000"]
+    """How the model writes boxes: pixels of the resized image, or 0..1000 of the image."""
+    factor: int = 28
+    """Image sides are multiples of this (patch size x spatial merge)."""
+    min_pixels: int = 56 * 56
+    """Fewest pixels an image is resized to."""
+    max_pixels: int = 1280 * 28 * 28
+    """Most pixels an image is resized to (bounds the number of image tokens)."""
+    vision_prefixes: tuple[str, ...] = ("visual",)
+    """Module name parts of the vision tower (frozen, and not quantised, by default)."""
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "qwen2_vl": FamilySpec(coordinates="relative-1000"),
+    "qwen2_5_vl": FamilySpec(coordinates="absolute"),
+    "qwen3_vl": FamilySpec(coordinates="relative-1000", factor=32),
+}
+
+
+def family_of(config) -> FamilySpec:
+    """The spec of a transformers config's family; unknown families default to absolute coordinates."""
+    spec = FAMILIES.get(getattr(config, "model_type", ""))
+    if spec is None:
+        warnings.warn(
+            f"unknown model family {config.model_type!r}: assuming absolute pixel coordinates", stacklevel=2
+        )
+        spec = FamilySpec(coordinates="absolute")
+    return spec
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the language model."""
+
+    r: int = 16
+    """Rank of the adapters."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Module name suffixes to adapt; None: every linear layer of the language model."""
+    train_vision: bool = False
+    """Also adapt the vision tower's linear layers (when target_modules is None)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. ``lm_head``)."""
+
+
+def check_model_path(path: str | Path) -> Path:
+    """Fail in one line, before anything is loaded, when a local checkpoint is missing."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint at {p} (expected {p / 'config.json'})")
+    return p
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained``, or, where torchvision is missing (the video processor cannot be built),
+    the family's processor reassembled from its image processor, tokenizer and chat template."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, processing_utils
+
+    path = Path(path)
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, AttributeError, OSError, ValueError, TypeError):
+        pass
+    name = json.loads((path / "processor_config.json").read_text())["processor_class"]
+    import transformers
+
+    cls = getattr(transformers, name)
+    # An image-only subclass: ProcessorMixin checks and stores exactly the attributes it lists.
+    image_only = type(
+        name, (cls,), {"get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"])}
+    )
+    template = path / "chat_template.jinja"
+    processor = image_only(
+        image_processor=AutoImageProcessor.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        chat_template=template.read_text() if template.is_file() else None,
+    )
+    assert isinstance(processor, processing_utils.ProcessorMixin)
+    return processor
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
+def _language_linear_names(model: nn.Module, spec: FamilySpec, include_vision: bool) -> list[str]:
+    """Names of the linear layers LoRA adapts: the language model's (and the vision tower's if asked),
+    never the output head."""
+    names = set()
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if not is_linear or name.endswith("lm_head"):
+            continue
+        if not include_vision and any(p in name.split(".") for p in spec.vision_prefixes):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    quantization: Literal["4bit", "8bit"] | None = None,
+    lora: LoraSpec | None = None,
+    dtype: str | torch.dtype = "float32",
+    gradient_checkpointing: bool = False,
+    freeze_vision: bool = True,
+):
+    """Load ``(model, processor)`` from a local checkpoint.
+
+    Args:
+        path: folder holding a transformers checkpoint (``config.json``, weights, processor files).
+        quantization: ``"4bit"`` (NF4 with double quantisation: QLoRA), ``"8bit"``, or None.
+        lora: LoRA adapters to add; None for full fine-tuning (not allowed with quantisation).
+        dtype: dtype of the weights and of the 4-bit compute (``"bfloat16"`` on GPUs).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        freeze_vision: keep the vision tower frozen (its weights and any adapters on it).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = check_model_path(path)
+    if quantization is not None and lora is None:
+        raise ValueError(
+            "a quantised model trains only through adapters: give lora=LoraSpec(...) with quantization"
+        )
+    config = AutoConfig.from_pretrained(path)
+    spec = family_of(config)
+    kwargs: dict = {"dtype": _dtype(dtype)}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit",
+            load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(dtype),
+            llm_int8_skip_modules=["lm_head", *(rf".*\b{p}" for p in spec.vision_prefixes)],
+        )
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    processor = load_processor(path)
+
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights for CPU inference on the first no-grad eval forward (generation)
+            # and its packed path has no backward: keep the trainable layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora.target_modules or _language_linear_names(
+            model, spec, lora.train_vision and not freeze_vision
+        )
+        # Restrict to the language model by regex unless the vision tower is adapted too.
+        vision = "|".join(spec.vision_prefixes)
+        pattern = (
+            rf"^(?!.*\b({vision})\b).*\.({'|'.join(targets)})$"
+            if not (lora.train_vision and not freeze_vision)
+            else rf".*\.({'|'.join(targets)})$"
+        )
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=pattern,
+                modules_to_save=lora.modules_to_save or None,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    elif freeze_vision:
+        for name, p in model.named_parameters():
+            if any(part in name.split(".") for part in spec.vision_prefixes):
+                p.requires_grad_(False)
+    return model, processor
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters an optimiser updates, by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether the model carries peft adapters (its reference is then the base with adapters disabled)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
