@@ -212,6 +212,48 @@ def load_policy(
     return model, processor
 
 
+@dataclass
+class PolicySpec:
+    """Where a policy comes from and how it trains: the arguments of :func:`load_policy`."""
+
+    path: str
+    """Local path of a transformers checkpoint (``AutoModelForImageTextToText``)."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """``"4bit"`` (QLoRA, NF4) or ``"8bit"`` base weights; None keeps them in ``dtype``."""
+    lora: LoraSpec | None = None
+    """LoRA adapters to train; None trains every weight (full fine-tuning)."""
+    dtype: str = "float32"
+    """Weight dtype (``"bfloat16"`` on GPUs, ``"float32"`` on CPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen."""
+
+    def load(self):
+        """``(model, processor)``."""
+        return load_policy(
+            self.path,
+            quantization=self.quantization,
+            lora=self.lora,
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            freeze_vision=self.freeze_vision,
+        )
+
+    def data_spec(self, processor) -> dict:
+        """What a DataModule needs of this model: ``datamodule.connect(processor, **spec.data_spec(processor))``."""
+        from transformers import AutoConfig
+
+        family = family_of(AutoConfig.from_pretrained(self.path))
+        ip = processor.image_processor
+        return {
+            "coordinates": family.coordinates,
+            "min_pixels": getattr(ip, "min_pixels", None) or family.min_pixels,
+            "max_pixels": getattr(ip, "max_pixels", None) or family.max_pixels,
+            "factor": getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2),
+        }
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters an optimiser updates, by name."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

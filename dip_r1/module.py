@@ -1,0 +1,290 @@
+"""GRPO training of a vision-language policy with the DIP-R1 rewards, as a LightningModule.
+
+``training_step`` reads top to bottom: rollout -> rewards -> advantages -> old / reference log-probs ->
+loss over micro-batches with gradient accumulation -> one optimiser step per GRPO iteration. The maths is
+in :mod:`dip_r1.grpo`, the sampling and scoring in :mod:`dip_r1.rollout`, the rewards in :mod:`dip_r1.rewards`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from dip_r1 import grpo
+from dip_r1.models import PolicySpec, check_model_path, is_peft, load_processor
+from dip_r1.rewards import RewardSuite
+from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
+
+
+def _default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+class GRPOModule(L.LightningModule):
+    """Group Relative Policy Optimisation of a vision-language model with rule-based rewards.
+
+    Args:
+        policy: the model to train: local path, LoRA / QLoRA, dtype.
+        warm_start: builds the checkpoint at ``model`` when it is missing (the quickstart's tiny SFT model).
+        rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
+        group_size: completions sampled per prompt (G).
+        max_new_tokens: most tokens of a completion; longer ones are truncated.
+        temperature: sampling temperature of the rollouts (also divides the logits of the loss).
+        top_p: nucleus sampling of the rollouts.
+        beta: weight of the KL penalty to the reference model; 0 skips the reference forward entirely.
+        num_iterations: optimiser steps on one rollout (old log-probs are kept only when > 1).
+        epsilon_low: lower clip range of the ratio.
+        epsilon_high: upper clip range of the ratio (DAPO's clip-higher when above epsilon_low).
+        loss_type: ``"grpo"`` (mean per sequence), ``"bnpo"`` (mean per token) or ``"dr_grpo"``.
+        scale_rewards: advantages divided by the std of the ``"group"``, of the ``"batch"``, or ``"none"``.
+        mask_truncated: leave completions that hit ``max_new_tokens`` out of the loss.
+        micro_batch_size: completions per forward / backward pass (gradients are accumulated).
+        max_grad_norm: clip the gradient norm to this; 0 disables clipping.
+        on_nonfinite: ``"skip"`` an optimiser step whose loss or gradient is not finite, or ``"raise"``.
+        optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-5 by default).
+        lr_scheduler: an optional learning-rate scheduler, stepped once per optimiser step.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySpec,
+        warm_start: Any | None = None,
+        rewards: RewardSuite | None = None,
+        group_size: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        beta: float = 0.0,
+        num_iterations: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        mask_truncated: bool = False,
+        micro_batch_size: int = 8,
+        max_grad_norm: float = 1.0,
+        on_nonfinite: Literal["skip", "raise"] = "skip",
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler", "warm_start"])
+        self.policy_spec = policy
+        self.automatic_optimization = False
+        # LoRA checkpoints hold only the trainable weights: the frozen base comes from `model`.
+        self.strict_loading = False
+        if warm_start is not None and not (Path(policy.path) / "config.json").is_file():
+            warm_start.build(policy.path)
+        self.model_path = check_model_path(policy.path)
+        self.processor = load_processor(self.model_path)
+        self.rewards = rewards if rewards is not None else RewardSuite()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.policy: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ setup
+    def data_spec(self) -> dict:
+        """What the DataModule needs of this model: ``datamodule.connect(module.processor, **module.data_spec())``."""
+        return self.policy_spec.data_spec(self.processor)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy, _ = self.policy_spec.load()
+        self.policy.train()
+        if hp.beta > 0 and not is_peft(self.policy):
+            # Full fine-tuning needs a frozen copy; with LoRA the reference is the base with adapters disabled.
+            self.ref_model = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.policy.generation_config.eos_token_id if self.policy is not None else None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Image / video placeholder tokens, which a completion must never contain."""
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        config = self.policy.config if self.policy is not None else None
+        ids = {getattr(config, n, None) for n in names} | {getattr(self.processor, n, None) for n in names}
+        return sorted(i for i in ids if isinstance(i, int))
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_ids[0]
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:  # every image of the batch failed to load: nothing to learn from
+            warnings.warn(f"batch {batch_idx}: no image could be loaded, step skipped", stacklevel=2)
+            return None
+        hp = self.hparams
+        start = time.perf_counter()
+        inputs, targets, G = batch["inputs"], batch["targets"], hp.group_size
+
+        # 1. rollout: G completions per prompt, no gradients
+        self.policy.eval()
+        rollout = sample_completions(
+            self.policy,
+            inputs,
+            group_size=G,
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            suppress_token_ids=self.placeholder_ids,
+        )
+        self.policy.train()
+        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+
+        # 2. rewards, 3. advantages
+        scores = self.rewards(texts, targets, G)  # {"total": [B*G], "<name>": [B*G]}
+        total = scores["total"].to(self.device)
+        advantages = grpo.group_advantages(total, G, scale=hp.scale_rewards)  # [B*G]
+
+        mask = rollout.mask
+        if hp.mask_truncated:
+            mask = grpo.apply_truncation_mask(mask, rollout.truncated)
+        weights = grpo.token_weights(mask, hp.loss_type, max_completion_length=hp.max_new_tokens)  # [B*G, T]
+
+        # 4. old log-probs only when a rollout is reused, reference log-probs only when beta > 0
+        old_logp = (
+            all_logprobs(
+                self.policy, inputs, rollout, micro_batch_size=hp.micro_batch_size, temperature=hp.temperature
+            )
+            if hp.num_iterations > 1
+            else None
+        )
+        ref_logp = self._reference_logprobs(inputs, rollout) if hp.beta > 0 else None
+
+        # 5. loss over micro-batches, one optimiser step per GRPO iteration
+        optimizer = self.optimizers()
+        n = len(rollout.prompt_index)
+        kl_sum = clip_sum = tokens = 0.0
+        for _ in range(hp.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for mb in micro_batches(n, hp.micro_batch_size):
+                logp = completion_logprobs(
+                    self.policy,
+                    inputs,
+                    rollout.prompt_index[mb],
+                    rollout.completion_ids[mb],
+                    rollout.mask[mb],
+                    temperature=hp.temperature,
+                )  # [n_mb, T]
+                loss, stats = grpo.grpo_loss(
+                    logp,
+                    old_logp[mb] if old_logp is not None else logp.detach(),
+                    ref_logp[mb] if ref_logp is not None else None,
+                    advantages[mb],
+                    mask[mb],
+                    beta=hp.beta,
+                    epsilon_low=hp.epsilon_low,
+                    epsilon_high=hp.epsilon_high,
+                    weights=weights[mb],
+                    loss_type=hp.loss_type,
+                    max_completion_length=hp.max_new_tokens,
+                )
+                self.manual_backward(loss)
+                loss_total += loss.detach()
+                mb_tokens = mask[mb].sum().item()
+                kl_sum += stats["kl"].item() * mb_tokens
+                clip_sum += stats["clip_ratio"].item() * mb_tokens
+                tokens += mb_tokens
+            self._optimizer_step(optimizer, loss_total)
+
+        # 6. logs
+        elapsed = time.perf_counter() - start
+        self._log_step(
+            scores, rollout, G, loss_total, kl_sum / max(tokens, 1), clip_sum / max(tokens, 1), elapsed
+        )
+        return None
+
+    def _reference_logprobs(self, inputs, rollout) -> torch.Tensor:
+        hp = self.hparams
+        if self.ref_model is not None:
+            return all_logprobs(
+                self.ref_model,
+                inputs,
+                rollout,
+                micro_batch_size=hp.micro_batch_size,
+                temperature=hp.temperature,
+            )
+        with self.policy.disable_adapter():
+            return all_logprobs(
+                self.policy, inputs, rollout, micro_batch_size=hp.micro_batch_size, temperature=hp.temperature
+            )
+
+    def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
+        hp = self.hparams
+        if hp.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        grads_finite = all(
+            torch.isfinite(p.grad).all() for p in self.policy.parameters() if p.grad is not None
+        )
+        if not (torch.isfinite(torch.as_tensor(loss)) and grads_finite):
+            if hp.on_nonfinite == "raise":
+                raise FloatingPointError(f"non-finite loss or gradient at step {self.global_step}")
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _log_step(self, scores, rollout, group_size, loss, kl, clip_ratio, elapsed) -> None:
+        log = {"train/loss": float(loss), "train/kl": kl, "train/clip_ratio": clip_ratio}
+        for name, values in scores.items():
+            key = "train/reward" if name == "total" else f"train/reward_{name}"
+            log[key] = values.float().mean().item()
+            log[f"{key}/std"] = values.float().std(unbiased=False).item()
+        lengths = rollout.lengths.float()
+        log["train/completion_length"] = lengths.mean().item()
+        log["train/truncated_ratio"] = rollout.truncated.float().mean().item()
+        log["train/zero_std_ratio"] = grpo.zero_std_mask(scores["total"], group_size).float().mean().item()
+        log["train/tokens_per_s"] = lengths.sum().item() / max(elapsed, 1e-9)
+        log["train/step_s"] = elapsed
+        log["train/skipped_steps"] = float(self.skipped_steps)
+        batch_size = len(rollout.prompt_index) // group_size
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.policy is not None and is_peft(self.policy):
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        else:  # the reference is rebuilt from `model`, never saved
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")
+            }
+        checkpoint["dip_r1"] = {"model": str(self.model_path), "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("dip_r1", {}).get("skipped_steps", 0)
