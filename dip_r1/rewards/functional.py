@@ -1,0 +1,236 @@
+"""The three DIP-R1 rewards as pure functions, and the one-to-one box matching they share.
+
+Boxes are xyxy in the model's coordinate space (tensors or arrays). :func:`match_detections` is
+also what :class:`dip_r1.metrics.DetectionMetrics` counts with, so training and evaluation agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from dip_r1.boxes import box_ioa_numpy, box_iou_numpy
+from dip_r1.rewards.parsing import parse_completion
+
+# Among assignments of equal total IoU, prefer the one with more pairs, so that the reward does
+# not depend on the order of the predictions (0.5 + 0.5 ties 1.0). Far below float32 IoU noise.
+_PAIR_BONUS = 1e-9
+
+
+def format_reward(text: str) -> float:
+    """1.0 iff the text is ``<think>…</think><look>[…]</look><answer>[…]</answer>``, else 0.0.
+
+    Exactly one block of each, in that order, nothing but whitespace outside them, and both look
+    and answer valid JSON box lists (empty lists allowed).
+
+    >>> format_reward("<think>x</think>\\n<look>[]</look>\\n<answer>[[1, 2, 3, 4]]</answer>")
+    1.0
+    >>> format_reward("<think>x</think><answer>[[1, 2, 3, 4]]</answer><look>[]</look>")
+    0.0
+    """
+    return float(parse_completion(text).well_formed)
+
+
+def match_boxes(iou: np.ndarray, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching of rows (predictions) to columns (targets) from an IoU matrix.
+
+    Maximises the total IoU over pairs whose IoU is >= ``iou_threshold`` (Hungarian, not greedy);
+    returns ``(rows, cols)`` of the kept pairs.
+
+    >>> match_boxes(np.array([[0.9, 0.6], [0.6, 0.0]]))  # greedy would keep one pair, 0.9
+    (array([0, 1]), array([1, 0]))
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    cand = iou >= iou_threshold
+    rows, cols = np.nonzero(cand)
+    if rows.size == 0:
+        return rows, cols
+    # Candidate pairs are sparse: a pair whose row and column have no other candidate is its own
+    # connected component and is matched as is; the assignment runs on the rest only.
+    single = (cand.sum(1)[rows] == 1) & (cand.sum(0)[cols] == 1)
+    if single.all():
+        return rows, cols
+    sub_rows, sub_cols = np.unique(rows[~single]), np.unique(cols[~single])
+    weights = np.where(cand, iou + _PAIR_BONUS, 0.0)[np.ix_(sub_rows, sub_cols)]
+    r, c = linear_sum_assignment(weights, maximize=True)
+    r, c = sub_rows[r], sub_cols[c]
+    kept = cand[r, c]
+    out_rows, out_cols = np.concatenate([rows[single], r[kept]]), np.concatenate([cols[single], c[kept]])
+    order = np.argsort(out_rows, kind="stable")
+    return out_rows[order], out_cols[order]
+
+
+class Matches(NamedTuple):
+    """Result of :func:`match_detections`."""
+
+    pred_index: np.ndarray
+    """Matched prediction rows."""
+    gt_index: np.ndarray
+    """Matched ground-truth rows, aligned with ``pred_index``."""
+    ious: np.ndarray
+    """IoU of each matched pair."""
+    num_pred: int
+    """Predictions counted: all but the unmatched ones lying in an ignore region."""
+    num_gt: int
+    """Ground-truth boxes."""
+
+
+def match_detections(
+    pred: Tensor | np.ndarray,
+    gt: Tensor | np.ndarray,
+    ignore: Tensor | np.ndarray | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    ignore_ioa: float = 0.5,
+) -> Matches:
+    """Match predictions to ground truth one-to-one and apply the ignore-region rule.
+
+    An unmatched prediction whose intersection over its own area with any ignore region is
+    ``>= ignore_ioa`` is neither a true nor a false positive (CrowdHuman / CityPersons protocol).
+    """
+    pred, gt = _as_boxes(pred), _as_boxes(gt)
+    if len(pred) and len(gt):
+        iou = box_iou_numpy(pred, gt)
+        rows, cols = match_boxes(iou, iou_threshold)
+        ious = iou[rows, cols]
+    else:
+        rows = cols = np.zeros(0, dtype=np.int64)
+        ious = np.zeros(0)
+    num_pred = len(pred)
+    ignore = _as_boxes(ignore)
+    if len(ignore) and num_pred > len(rows):
+        unmatched = np.ones(len(pred), dtype=bool)
+        unmatched[rows] = False
+        ioa = box_ioa_numpy(pred[unmatched], ignore)
+        num_pred -= int((ioa.max(1) >= ignore_ioa).sum())
+    return Matches(rows, cols, ious, num_pred, len(gt))
+
+
+def precision_recall_reward(
+    pred: Tensor | np.ndarray | None,
+    gt: Tensor | np.ndarray,
+    ignore: Tensor | np.ndarray | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    precision_weight: float = 0.5,
+    recall_weight: float = 0.5,
+    iou_weighted: bool = False,
+) -> float:
+    """Weighted mean of precision and recall of one-to-one matched boxes, in [0, 1].
+
+    TP is the number of matched pairs (their summed IoU when ``iou_weighted``); precision is
+    TP / counted predictions, recall TP / ground truth. No ground truth and no prediction gives 1.0,
+    ground truth but no prediction 0.0, predictions but no ground truth precision 0 and recall 1.
+    ``pred=None`` (no parseable answer) gives 0.0.
+
+    >>> gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
+    >>> precision_recall_reward(torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), gt)
+    0.5
+    """
+    if precision_weight < 0 or recall_weight < 0 or precision_weight + recall_weight <= 0:
+        raise ValueError("precision_weight and recall_weight must be >= 0 with a positive sum")
+    if pred is None:
+        return 0.0
+    m = match_detections(pred, gt, ignore, iou_threshold=iou_threshold)
+    if m.num_gt == 0 and m.num_pred == 0:
+        return 1.0
+    if m.num_gt == 0:
+        precision, recall = 0.0, 1.0
+    elif m.num_pred == 0:
+        precision, recall = 0.0, 0.0
+    else:
+        tp = float(m.ious.sum()) if iou_weighted else float(len(m.pred_index))
+        precision, recall = tp / m.num_pred, tp / m.num_gt
+    return (precision_weight * precision + recall_weight * recall) / (precision_weight + recall_weight)
+
+
+def rasterize_boxes(boxes: list[Tensor | None], image_size: tuple[float, float], grid: int = 32) -> Tensor:
+    """``Tensor[len(boxes), grid, grid]`` bool: cell ``[g, y, x]`` is covered when its centre lies in
+    one of ``boxes[g]`` (None: no box). Vectorised: a summed-area difference array, no loop over cells.
+
+    >>> rasterize_boxes([torch.tensor([[0.0, 0, 2, 2]])], (4, 4), grid=4)[0].int().tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    """
+    width, height = float(image_size[0]), float(image_size[1])
+    owners = [torch.full((len(b),), g, dtype=torch.long) for g, b in enumerate(boxes) if b is not None]
+    parts = [b.reshape(-1, 4).float() for b in boxes if b is not None]
+    if not parts or sum(len(p) for p in parts) == 0 or width <= 0 or height <= 0:
+        return torch.zeros((len(boxes), grid, grid), dtype=torch.bool)
+    owner, box = torch.cat(owners), torch.cat(parts).double()
+    # Cell k has its centre at (k + 0.5) * size / grid: it is inside [a, b] for k in [lo, hi].
+    scale = torch.tensor([grid / width, grid / height] * 2, dtype=torch.float64)
+    cell = box * scale - 0.5
+    finite = torch.isfinite(cell).all(1)
+    owner, cell = owner[finite], cell[finite]
+    # Clamp before the cast to integers, so that huge coordinates cannot overflow.
+    lo = torch.ceil(cell[:, :2]).clamp(0, grid).long()
+    hi = (torch.floor(cell[:, 2:]) + 1).clamp(0, grid).long()
+    keep = (lo < hi).all(1)
+    owner, lo, hi = owner[keep], lo[keep], hi[keep]
+    side = grid + 1
+    corners = [
+        (lo[:, 1], lo[:, 0], 1),
+        (lo[:, 1], hi[:, 0], -1),
+        (hi[:, 1], lo[:, 0], -1),
+        (hi[:, 1], hi[:, 0], 1),
+    ]
+    index = torch.cat([owner * side * side + y * side + x for y, x, _ in corners])
+    sign = torch.cat([torch.full_like(owner, s) for _, _, s in corners])
+    diff = torch.bincount(index, weights=sign.double(), minlength=len(boxes) * side * side)
+    counts = diff.view(len(boxes), side, side).cumsum(1).cumsum(2)
+    return counts[:, :grid, :grid] > 0.5
+
+
+def look_reward(
+    answers: list[Tensor | None],
+    looks: list[Tensor | None],
+    image_size: tuple[float, float],
+    *,
+    grid: int = 32,
+    mode: Literal["f1", "focus", "coverage"] = "f1",
+) -> Tensor:
+    """Reward for looking where a prompt's group of G sampled answers disagree, ``Tensor[G]``.
+
+    U = p (1 - p) per cell, p the fraction of the group whose answer covers the cell. For look mask
+    L: focus = sum(U L) / (|L| max U), coverage = sum(U L) / sum(U); ``"f1"`` is their harmonic
+    mean. 0.0 when the group agrees everywhere, or for a missing or empty look.
+
+    >>> a = [torch.tensor([[0.0, 0, 2, 2]]), None]  # they disagree on the top-left quarter
+    >>> look_reward(a, [torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[0.0, 0, 4, 4]])], (4, 4), grid=4)
+    tensor([1.0000, 0.4000])
+    """
+    if mode not in ("f1", "focus", "coverage"):
+        raise ValueError(f"mode must be 'f1', 'focus' or 'coverage', not {mode!r}")
+    if len(answers) != len(looks):
+        raise ValueError(f"{len(answers)} answers but {len(looks)} looks")
+    covered = rasterize_boxes(list(answers), image_size, grid).double()
+    p = covered.mean(0)
+    u = p * (1 - p)
+    u_max, u_sum = u.max(), u.sum()
+    if u_max <= 0:
+        return torch.zeros(len(looks))
+    mask = rasterize_boxes(list(looks), image_size, grid).double()
+    hit = (mask * u).sum((1, 2))
+    area = mask.sum((1, 2))
+    focus = torch.where(area > 0, hit / (area.clamp(min=1) * u_max), torch.zeros_like(hit))
+    coverage = hit / u_sum
+    if mode == "focus":
+        return focus.float()
+    if mode == "coverage":
+        return coverage.float()
+    f1 = torch.where(
+        hit > 0, 2 * focus * coverage / (focus + coverage).clamp(min=1e-12), torch.zeros_like(hit)
+    )
+    return f1.float()
+
+
+def _as_boxes(boxes: Tensor | np.ndarray | None) -> np.ndarray:
+    if boxes is None:
+        return np.zeros((0, 4))
+    if isinstance(boxes, Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

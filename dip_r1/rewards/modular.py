@@ -1,0 +1,90 @@
+"""The three DIP-R1 rewards as :class:`~dip_r1.rewards.base.GroupReward` metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dip_r1.rewards import functional as F
+from dip_r1.rewards.base import GroupReward
+from dip_r1.rewards.parsing import ParsedCompletion
+
+
+class FormatReward(GroupReward):
+    """1.0 for a well-formed ``<think>``, ``<look>``, ``<answer>`` completion, else 0.0."""
+
+    def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
+        return torch.tensor([float(c.well_formed) for c in completions], dtype=torch.float32)
+
+
+class LookReward(GroupReward):
+    """Reward for looking where the group's answers disagree (see ``functional.look_reward``)."""
+
+    def __init__(
+        self, grid: int = 32, mode: Literal["f1", "focus", "coverage"] = "f1", **kwargs: Any
+    ) -> None:
+        """
+        Args:
+            grid: Cells per side of the lattice the boxes are rasterised on.
+            mode: ``"f1"`` (harmonic mean of focus and coverage), ``"focus"`` or ``"coverage"``.
+            kwargs: Passed to ``torchmetrics.Metric``.
+        """
+        super().__init__(**kwargs)
+        if grid < 1 or mode not in ("f1", "focus", "coverage"):
+            raise ValueError(f"invalid grid={grid} or mode={mode!r}")
+        self.grid = grid
+        self.mode = mode
+
+    def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
+        out = []
+        for b, target in enumerate(targets):
+            group = completions[b * group_size : (b + 1) * group_size]
+            answers, looks = [c.answer for c in group], [c.look for c in group]
+            out.append(F.look_reward(answers, looks, target["image_size"], grid=self.grid, mode=self.mode))
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class PrecisionRecallReward(GroupReward):
+    """Weighted precision and recall of the answer boxes, matched one-to-one, with ignore regions."""
+
+    def __init__(
+        self,
+        iou_threshold: float = 0.5,
+        precision_weight: float = 0.5,
+        recall_weight: float = 0.5,
+        iou_weighted: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            iou_threshold: Least IoU for a predicted box to count as a match of a ground-truth box.
+            precision_weight: Weight of precision in the reward.
+            recall_weight: Weight of recall in the reward.
+            iou_weighted: Count each match as its IoU rather than 1.
+            kwargs: Passed to ``torchmetrics.Metric``.
+        """
+        super().__init__(**kwargs)
+        if precision_weight < 0 or recall_weight < 0 or precision_weight + recall_weight <= 0:
+            raise ValueError("precision_weight and recall_weight must be >= 0 with a positive sum")
+        self.iou_threshold = iou_threshold
+        self.precision_weight = precision_weight
+        self.recall_weight = recall_weight
+        self.iou_weighted = iou_weighted
+
+    def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
+        out = []
+        for j, completion in enumerate(completions):
+            target = targets[j // group_size]
+            value = F.precision_recall_reward(
+                completion.answer,
+                target["boxes"],
+                target.get("ignore"),
+                iou_threshold=self.iou_threshold,
+                precision_weight=self.precision_weight,
+                recall_weight=self.recall_weight,
+                iou_weighted=self.iou_weighted,
+            )
+            out.append(value)
+        return torch.tensor(out, dtype=torch.float32)
