@@ -71,9 +71,23 @@ class LoraSpec:
 def check_model_path(path: str | Path) -> Path:
     """Fail in one line, before anything is loaded, when a local checkpoint is missing."""
     p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
+    if not has_checkpoint(p):
         raise FileNotFoundError(f"no model checkpoint at {p} (expected {p / 'config.json'})")
     return p
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a transformers checkpoint."""
+    return (Path(path).expanduser() / "config.json").is_file()
+
+
+def checkpoint_state(state_dict: dict, policy: nn.Module | None, prefix: str = "policy.") -> dict:
+    """What a Lightning checkpoint keeps of a module's state: the policy only (never a reference copy), and
+    of a LoRA policy only the trainable weights (the frozen base is reloaded from its path)."""
+    if policy is not None and is_peft(policy):
+        keep = {prefix + n for n, p in policy.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state_dict.items() if k in keep}
+    return {k: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_processor(path: str | Path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -18,7 +17,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dip_r1 import grpo
-from dip_r1.models import PolicySpec, check_model_path, is_peft, load_processor
+from dip_r1.models import (
+    PolicySpec,
+    check_model_path,
+    checkpoint_state,
+    has_checkpoint,
+    is_peft,
+    load_processor,
+)
 from dip_r1.rewards import RewardSuite
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
 
@@ -80,7 +86,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # LoRA checkpoints hold only the trainable weights: the frozen base comes from `model`.
         self.strict_loading = False
-        if warm_start is not None and not (Path(policy.path) / "config.json").is_file():
+        if warm_start is not None and not has_checkpoint(policy.path):
             warm_start.build(policy.path)
         self.model_path = check_model_path(policy.path)
         self.processor = load_processor(self.model_path)
@@ -277,13 +283,7 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.policy is not None and is_peft(self.policy):
-            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        else:  # the reference is rebuilt from `model`, never saved
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")
-            }
+        checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
         checkpoint["dip_r1"] = {"model": str(self.model_path), "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning on Think-Look-Answer targets built from the ground truth.
+
+The paper's SFT baseline, and the warm start that makes a randomly initialised policy write the format at
+all (otherwise every reward is 0 and GRPO's advantages vanish).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from dip_r1.boxes import box_area, box_iou
+from dip_r1.grpo import masked_mean
+from dip_r1.models import PolicySpec, check_model_path, checkpoint_state, has_checkpoint, load_processor
+from dip_r1.rollout import completion_logprobs
+
+
+def _box_text(box: list[float]) -> list[int]:
+    return [round(v) for v in box]
+
+
+def target_completion(target: dict, *, max_look: int = 2, category: str | None = None) -> str:
+    """The answer a perfect policy writes for ``target`` (boxes in the model's coordinates).
+
+    The look boxes are the ``max_look`` most occluded objects (highest IoU with another object), the smallest
+    first on ties.
+
+    >>> t = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5.0, 0, 15, 10], [50.0, 50, 52, 60]]), "labels": ["person"] * 3}
+    >>> print(target_completion(t, max_look=1))
+    <think>There are 3 persons; 2 of them overlap others. I look closer at the most occluded.</think>
+    <look>[[0, 0, 10, 10]]</look>
+    <answer>[{"bbox_2d": [0, 0, 10, 10], "label": "person"}, {"bbox_2d": [5, 0, 15, 10], "label": "person"}, {"bbox_2d": [50, 50, 52, 60], "label": "person"}]</answer>
+    """
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    labels = list(target.get("labels") or ["object"] * len(boxes))
+    name = category or (max(set(labels), key=labels.count) if labels else "object")
+    n = len(boxes)
+    if n > 1:
+        iou = box_iou(boxes, boxes).fill_diagonal_(0).max(dim=1).values
+    else:
+        iou = torch.zeros(n)
+    occluded = int((iou > 0).sum())
+    order = sorted(range(n), key=lambda i: (-float(iou[i]), float(box_area(boxes[i : i + 1])[0])))
+    look = [_box_text(boxes[i].tolist()) for i in order[:max_look] if n > 1 and iou[i] > 0]
+    answer = [{"bbox_2d": _box_text(b.tolist()), "label": lab} for b, lab in zip(boxes, labels)]
+    think = f"There are {n} {name}s; {occluded} of them overlap others. I look closer at the most occluded."
+    return f"<think>{think}</think>\n<look>{json.dumps(look)}</look>\n<answer>{json.dumps(answer)}</answer>"
+
+
+class SFTModule(L.LightningModule):
+    """Cross-entropy on Think-Look-Answer targets, with the same policy loader and data as GRPO.
+
+    Args:
+        policy: the model to train: local path, LoRA / QLoRA, dtype.
+        warm_start: builds the checkpoint at ``policy.path`` when it is missing.
+        max_look: look boxes in each target (the most occluded objects).
+        max_target_tokens: targets are cut to this many tokens.
+        optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-4 by default).
+        lr_scheduler: an optional learning-rate scheduler, stepped every step.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySpec,
+        warm_start: Any | None = None,
+        max_look: int = 2,
+        max_target_tokens: int = 512,
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4),
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "warm_start"])
+        self.strict_loading = False  # LoRA checkpoints hold only the trainable weights
+        if warm_start is not None and not has_checkpoint(policy.path):
+            warm_start.build(policy.path)
+        self.policy_spec = policy
+        self.processor = load_processor(check_model_path(policy.path))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.policy: torch.nn.Module | None = None
+
+    def data_spec(self) -> dict:
+        """What the DataModule needs of this model (see :meth:`PolicySpec.data_spec`)."""
+        return self.policy_spec.data_spec(self.processor)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy, _ = self.policy_spec.load()
+            self.policy.train()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    def target_ids(self, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [B, T], mask [B, T])``: each target text and its EOS, right-padded."""
+        tok = self.processor.tokenizer
+        eos = tok.eos_token_id
+        rows = [
+            tok(target_completion(t, max_look=self.hparams.max_look), add_special_tokens=False)["input_ids"][
+                : self.hparams.max_target_tokens - 1
+            ]
+            + [eos]
+            for t in targets
+        ]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    def training_step(self, batch: dict | None, batch_idx: int):
+        if batch is None:
+            return None
+        ids, mask = self.target_ids(batch["targets"])
+        index = torch.arange(len(ids), device=self.device)
+        logp = completion_logprobs(self.policy, batch["inputs"], index, ids, mask)  # [B, T]
+        loss = -masked_mean(logp, mask)
+        self.log("train/sft_loss", loss, prog_bar=True, batch_size=len(ids))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
