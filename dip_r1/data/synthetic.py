@@ -1,0 +1,197 @@
+"""Synthetic crowd scenes in CrowdHuman format, for the quickstart and the tests.
+
+``python -m dip_r1.data.synthetic --out data/synthetic-crowd --n 200 --seed 0`` writes
+``<out>/Images/<ID>.jpg`` and ``<out>/annotation.odgt``, readable by
+``CrowdHuman("<out>/annotation.odgt", "<out>/Images")``. Each image holds many overlapping
+person-like figures (a head disc on a body, varied sizes and colours) drawn far to near, so nearer
+figures occlude farther ones: ``fbox`` is the whole figure, ``vbox`` the bounding box of its
+visible pixels, ``hbox`` its head; figures less than 10% visible carry ``extra.ignore = 1``, fully
+hidden ones are not annotated. About half the images hold a distant crowd of tiny figures
+annotated as one ``tag == "mask"`` region. Same seed, same files (a generator per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SKIN = [(255, 220, 177), (229, 184, 143), (198, 134, 66), (141, 85, 36), (90, 56, 37)]
+"""Head colours."""
+HEAD = 0.09
+"""Head radius as a fraction of figure height."""
+MIN_VISIBLE = 0.1
+"""Figures with a smaller visible fraction are marked ``extra.ignore = 1``."""
+
+
+def _head(draw: ImageDraw.ImageDraw, x: float, y: float, w: float, h: float, colour) -> None:
+    """The head disc of the figure in box ``x, y, w, h``."""
+    r, cx = HEAD * h, x + w / 2
+    draw.ellipse([cx - r, y, cx + r, y + 2 * r], fill=colour)
+
+
+def _figure(draw: ImageDraw.ImageDraw, x: float, y: float, w: float, h: float, colours: tuple) -> None:
+    """A person-like figure filling the box ``x, y, w, h``: head disc, torso, two legs."""
+    head, shirt, trousers = colours
+    r = HEAD * h
+    _head(draw, x, y, w, h, head)
+    draw.rounded_rectangle([x, y + 2 * r, x + w, y + 0.6 * h], radius=max(1.0, w / 4), fill=shirt)
+    leg = 0.38 * w
+    draw.rectangle([x + 0.08 * w, y + 0.6 * h, x + 0.08 * w + leg, y + h], fill=trousers)
+    draw.rectangle([x + 0.92 * w - leg, y + 0.6 * h, x + 0.92 * w, y + h], fill=trousers)
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(c) for c in rng.integers(0, 256, size=3))
+
+
+def _scene(rng: np.random.Generator, width: int, height: int, min_people: int, max_people: int):
+    """Draw one image; return it and its CrowdHuman ``gtboxes``."""
+    image = Image.new("RGB", (width, height), _colour(rng))
+    draw = ImageDraw.Draw(image)
+    horizon = int(height * rng.uniform(0.3, 0.45))
+    draw.rectangle([0, horizon, width, height], fill=_colour(rng))
+    ids = Image.new("L", (width, height), 0)  # which figure (1-based) owns each pixel
+    id_draw = ImageDraw.Draw(ids)
+    gtboxes = []
+    if rng.random() < 0.5:  # a distant crowd: too small and dense to annotate one by one
+        cw, ch = int(width * rng.uniform(0.25, 0.5)), int(height * rng.uniform(0.08, 0.14))
+        cx0, cy0 = int(rng.integers(0, width - cw)), horizon - ch // 2
+        for _ in range(int(cw * ch / 25)):
+            fh = rng.uniform(0.6, 1.0) * ch
+            fx, fy = rng.uniform(cx0, cx0 + cw - fh * 0.4), rng.uniform(cy0, cy0 + ch - fh)
+            _figure(draw, fx, fy, fh * 0.4, fh, (SKIN[rng.integers(len(SKIN))], _colour(rng), _colour(rng)))
+        region = [cx0, cy0, cw, ch]
+        gtboxes.append(
+            {"tag": "mask", "fbox": region, "vbox": region, "hbox": region, "extra": {"ignore": 1}}
+        )
+    people = []
+    for _ in range(int(rng.integers(min_people, max_people + 1))):
+        foot = rng.uniform(horizon + 0.15 * height, height)
+        h = min(foot, (foot - horizon) * rng.uniform(0.6, 1.1))  # perspective: nearer is taller
+        w = h * rng.uniform(0.3, 0.45)
+        x = rng.uniform(0, width - w)
+        people.append((foot, x, h, w, (SKIN[rng.integers(len(SKIN))], _colour(rng), _colour(rng))))
+    people.sort(key=lambda p: p[0])  # far to near: later figures occlude earlier ones
+    for index, (foot, x, h, w, colours) in enumerate(people, start=1):
+        _figure(draw, x, foot - h, w, h, colours)
+        _figure(id_draw, x, foot - h, w, h, (index, index, index))
+    owner = np.asarray(ids)
+    for index, (foot, x, h, w, _) in enumerate(people, start=1):
+        gt = _annotate(owner, index, x, foot - h, w, h, len(gtboxes))
+        if gt is not None:
+            gtboxes.append(gt)
+    return image, gtboxes
+
+
+def _pixel_box(mask: np.ndarray, dx: int = 0, dy: int = 0) -> list[int] | None:
+    """``[x, y, w, h]`` of the set pixels of a mask shifted by ``dx, dy`` (a pixel spans one unit)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return [
+        int(cols.min()) + dx,
+        int(rows.min()) + dy,
+        int(cols.max() - cols.min() + 1),
+        int(rows.max() - rows.min() + 1),
+    ]
+
+
+def _alone(size: tuple[int, int], x: float, y: float, w: float, h: float, head_only: bool) -> np.ndarray:
+    """The pixels of a ``size`` crop that figure ``x, y, w, h`` (or its head) covers when nothing hides it."""
+    image = Image.new("1", size, 0)
+    draw = ImageDraw.Draw(image)
+    if head_only:
+        _head(draw, x, y, w, h, 1)
+    else:
+        _figure(draw, x, y, w, h, (1, 1, 1))
+    return np.asarray(image)
+
+
+def _annotate(
+    owner: np.ndarray, index: int, x: float, y: float, w: float, h: float, box_id: int
+) -> dict | None:
+    """CrowdHuman ``gtboxes`` entry of figure ``index`` from the pixel-owner map, or None if hidden.
+
+    Boxes are measured on the drawn pixels, so ``vbox`` and ``hbox`` always lie inside ``fbox``.
+    Work happens in a crop around the figure (drawing rounds outwards by at most a pixel).
+    """
+    x0, y0 = max(int(x) - 2, 0), max(int(y) - 2, 0)
+    x1, y1 = min(int(x + w) + 3, owner.shape[1]), min(int(y + h) + 3, owner.shape[0])
+    visible = owner[y0:y1, x0:x1] == index
+    vbox = _pixel_box(visible, x0, y0)
+    if vbox is None:
+        return None
+    size = (x1 - x0, y1 - y0)
+    full = _alone(size, x - x0, y - y0, w, h, head_only=False)
+    head = _alone(size, x - x0, y - y0, w, h, head_only=True)
+    fraction = visible.sum() / max(int(full.sum()), 1)
+    head_fraction = (visible & head).sum() / max(int(head.sum()), 1)
+    return {
+        "tag": "person",
+        "fbox": _pixel_box(full, x0, y0),
+        "vbox": vbox,
+        "hbox": _pixel_box(head, x0, y0),
+        "extra": {"box_id": box_id, "occ": int(fraction < 0.95), "ignore": int(fraction < MIN_VISIBLE)},
+        "head_attr": {"ignore": 0, "occ": int(head_fraction < 0.95), "unsure": 0},
+    }
+
+
+def generate(
+    out: str | Path,
+    n: int,
+    seed: int,
+    width: int = 320,
+    height: int = 240,
+    min_people: int = 6,
+    max_people: int = 24,
+    quality: int = 90,
+) -> Path:
+    """Write ``n`` synthetic crowd images and their ``annotation.odgt`` under ``out``; return the ``.odgt`` path.
+
+    Args:
+        out: output folder (created); images go to ``<out>/Images/<ID>.jpg``.
+        n: number of images.
+        seed: random seed; the same seed gives the same files.
+        width: image width in pixels.
+        height: image height in pixels.
+        min_people: fewest annotated-or-not figures per image.
+        max_people: most figures per image.
+        quality: JPEG quality.
+    """
+    if not 0 < min_people <= max_people or max_people > 250:  # owner map is 8-bit
+        raise ValueError(f"need 0 < min_people <= max_people <= 250, got {min_people}, {max_people}")
+    out = Path(out)
+    (out / "Images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])  # one stream per image: any image regenerates alone
+        image, gtboxes = _scene(rng, width, height, min_people, max_people)
+        image_id = f"synthetic_{seed}_{i:06d}"
+        image.save(out / "Images" / f"{image_id}.jpg", quality=quality)
+        lines.append(json.dumps({"ID": image_id, "gtboxes": gtboxes}))
+    path = out / "annotation.odgt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m dip_r1.data.synthetic --out DIR --n N --seed S``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--n", type=int, default=200, help="number of images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--width", type=int, default=320, help="image width")
+    parser.add_argument("--height", type=int, default=240, help="image height")
+    parser.add_argument("--min-people", type=int, default=6, help="fewest figures per image")
+    parser.add_argument("--max-people", type=int, default=24, help="most figures per image")
+    args = parser.parse_args(argv)
+    path = generate(args.out, args.n, args.seed, args.width, args.height, args.min_people, args.max_people)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The synthetic crowd generator: deterministic, CrowdHuman-readable, boxes inside the image."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from dip_r1.data.sources import CrowdHuman
+from dip_r1.data.synthetic import generate, main
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    a = generate(tmp_path / "a", n=4, seed=3)
+    b = generate(tmp_path / "b", n=4, seed=3)
+    c = generate(tmp_path / "c", n=4, seed=4)
+    assert a == tmp_path / "a" / "annotation.odgt"
+    assert a.read_bytes() == b.read_bytes()
+    image = "Images/synthetic_3_000002.jpg"
+    assert (tmp_path / "a" / image).read_bytes() == (tmp_path / "b" / image).read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_readable_by_crowdhuman_with_boxes_inside_the_image(tmp_path):
+    odgt = generate(tmp_path, n=8, seed=0, width=200, height=150, min_people=8, max_people=12)
+    records = [json.loads(line) for line in odgt.read_text().splitlines()]
+    assert len(records) == 8
+    for box in ("full", "visible", "head"):
+        reader = CrowdHuman(odgt, tmp_path / "Images", box=box)
+        samples = list(reader)
+        assert reader.skipped == {}
+        assert len(samples) == 8
+        for sample in samples:
+            assert sample.image_path.is_file()
+            with Image.open(sample.image_path) as im:
+                assert im.size == (200, 150)
+            both = torch.cat([sample.boxes, sample.ignore])
+            assert (both[:, :2] >= 0).all() and (both[:, 2] <= 200).all() and (both[:, 3] <= 150).all()
+            assert (both[:, 2:] > both[:, :2]).all()
+    persons = [g for r in records for g in r["gtboxes"] if g["tag"] == "person"]
+    masks = [g for r in records for g in r["gtboxes"] if g["tag"] == "mask"]
+    assert masks, "some images hold a crowd region tagged mask"
+    assert all(len(r["gtboxes"]) - (r["gtboxes"][0]["tag"] == "mask") <= 12 for r in records)
+    for g in persons:
+        fx, fy, fw, fh = g["fbox"]
+        vx, vy, vw, vh = g["vbox"]
+        # the visible part lies within the full figure
+        assert fx <= vx and fy <= vy and vx + vw <= fx + fw and vy + vh <= fy + fh
+    # heavy occlusion: many figures are partly hidden, some so much they are ignored
+    assert sum(g["extra"]["occ"] for g in persons) > len(persons) / 3
+    assert any(g["extra"]["ignore"] for g in persons)
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--n", "2", "--seed", "0", "--width", "64", "--height", "48"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "annotation.odgt")
+    assert sorted(p.name for p in (tmp_path / "Images").iterdir()) == [
+        "synthetic_0_000000.jpg",
+        "synthetic_0_000001.jpg",
+    ]
