@@ -1,0 +1,236 @@
+"""The Lightning DataModule: sources in, processor-ready batches and targets out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from dip_r1.data.images import ImageFolder
+from dip_r1.data.prompts import DetectionPromptBuilder
+from dip_r1.data.stream import DetectionSource, DetectionStream
+
+STAGES = ("train", "val", "test", "predict")
+
+
+class DetectionCollate:
+    """Batches stream items into processor inputs for generation plus the targets for the rewards.
+
+    Returns ``{"inputs", "targets", "prompts", "images"}``, or None when every item of the batch was
+    skipped (its image failed to load). A class, not a closure, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        """
+        Args:
+            processor: A Hugging Face multimodal processor (``apply_chat_template`` and ``__call__``).
+        """
+        self.processor = processor
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            # Generation appends to the right end of every row, so prompts are padded on the left.
+            tokenizer.padding_side = "left"
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        items = [item for item in items if "skipped" not in item]
+        if not items:
+            return None
+        prompts = [
+            self.processor.apply_chat_template(item["messages"], tokenize=False, add_generation_prompt=True)
+            for item in items
+        ]
+        images = [item["image"] for item in items]
+        inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        return {
+            "inputs": dict(inputs),
+            "targets": [item["target"] for item in items],
+            "prompts": prompts,
+            "images": images,
+        }
+
+
+class TrackedBatch(NamedTuple):
+    """A collated batch with the bookkeeping the main process needs (the stream position, skips)."""
+
+    batch: dict[str, Any] | None
+    stage: str
+    shard: int
+    num_workers: int
+    count: int
+    skipped: list[str]
+
+
+class TrackingCollate:
+    """Wraps a collate function; records which worker shard a batch came from and what was skipped."""
+
+    def __init__(self, collate: Any, stage: str) -> None:
+        """
+        Args:
+            collate: The inner collate function (e.g. a :class:`DetectionCollate`).
+            stage: One of "train", "val", "test", "predict".
+        """
+        self.collate = collate
+        self.stage = stage
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> TrackedBatch:
+        shard, workers = items[0]["shard"]
+        skipped = [item["skipped"] for item in items if "skipped" in item]
+        return TrackedBatch(self.collate(items), self.stage, shard, workers, len(items), skipped)
+
+
+class DetectionDataModule(LightningDataModule):
+    """Detection datasets as prompts for a VLM: streaming, sharded over ranks and workers, resumable.
+
+    The model hands its processor over with :meth:`connect` before the loaders are built. Each batch is
+    ``{"inputs": processor outputs for generation, "targets": [dict], "prompts": [str], "images":
+    [PIL.Image]}``; a batch whose images all failed reaches the loop as None (Lightning skips it).
+    ``skipped`` counts skipped samples per reason over all workers. The training stream position is
+    saved in checkpoints (``state_dict``), see :class:`~dip_r1.data.stream.DetectionStream` for the
+    resume guarantee.
+    """
+
+    def __init__(
+        self,
+        train: list[DetectionSource] | None = None,
+        val: list[DetectionSource] | None = None,
+        test: list[DetectionSource] | None = None,
+        predict: list[DetectionSource] | None = None,
+        train_weights: list[float] | None = None,
+        prompt_builder: DetectionPromptBuilder | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+        repeat_train: bool = True,
+        strict: bool = False,
+        predict_images: str | None = None,
+    ) -> None:
+        """
+        Args:
+            train: Training sources (readers such as ``dip_r1.data.sources.CrowdHuman``, or any iterable of
+                DetectionSample that can be iterated again).
+            val: Validation sources, read once per validation run in their own order.
+            test: Test sources, read once in their own order.
+            predict: Sources to predict on (their annotations are kept as targets).
+            train_weights: Relative sampling weight of each training source (default: equal).
+            prompt_builder: Turns samples into chat messages, resized images and targets in the model's
+                coordinates (default: DetectionPromptBuilder()).
+            batch_size: Prompts per batch and per device.
+            num_workers: DataLoader worker processes that read and decode images (0: in the main process).
+            shuffle_buffer: Size of the training stream's seeded shuffle buffer (0: no shuffle).
+            seed: Seed of the training stream's mixing and shuffling.
+            repeat_train: Repeat the training sources endlessly (RL runs are bounded by max_steps);
+                False: one pass per epoch.
+            strict: Raise on a missing or corrupt image instead of skipping and counting it.
+            predict_images: A folder or a glob of images without annotation to predict on
+                (``dip-r1 predict``); added after the ``predict`` sources.
+        """
+        super().__init__()
+        self.prompt_builder = prompt_builder or DetectionPromptBuilder()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.processor: Any = None
+        self.skipped: Counter[str] = Counter()
+        """Samples skipped so far (all stages, all workers), per reason."""
+        if predict_images is not None:
+            predict = [*(predict or []), ImageFolder(predict_images)]
+        self.streams: dict[str, DetectionStream] = {}
+        """The stream of each stage that has sources."""
+        for stage, sources in zip(STAGES, (train, val, test, predict)):
+            if not sources:
+                continue
+            training = stage == "train"
+            self.streams[stage] = DetectionStream(
+                sources,
+                self.prompt_builder,
+                weights=train_weights if training else None,
+                shuffle_buffer=shuffle_buffer if training else 0,
+                seed=seed,
+                repeat=repeat_train and training,
+                strict=strict,
+            )
+
+    def connect(
+        self,
+        processor: Any,
+        *,
+        coordinates: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        factor: int | None = None,
+    ) -> None:
+        """Take the model's processor and its family's coordinate convention and pixel limits.
+
+        Pixel limits not given here nor in the prompt builder are read from the processor's image
+        processor, so the processor never resizes the images again.
+        """
+        self.processor = processor
+        self.prompt_builder.configure(
+            coordinates=coordinates,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            factor=factor,
+            image_processor=getattr(processor, "image_processor", None),
+        )
+
+    def _loader(self, stage: str) -> DataLoader:
+        if self.processor is None:
+            raise RuntimeError(
+                "DetectionDataModule.connect(processor) must be called before building loaders"
+            )
+        if stage not in self.streams:
+            raise ValueError(f"no {stage} sources were given to DetectionDataModule")
+        stream = self.streams[stage]
+        stream.bind_distributed()
+        loader = DataLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=TrackingCollate(DetectionCollate(self.processor), stage),
+        )
+        if stage == "train":
+            # Lightning calls set_epoch on the loader's sampler at each epoch start, and an
+            # IterableDataset's loader accepts no sampler of ours: hand the stream's method over.
+            loader.sampler.set_epoch = stream.set_epoch  # type: ignore[attr-defined]
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        """The training loader (endless unless ``repeat_train=False``)."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader; none (an empty list, so Lightning skips validation) without val sources."""
+        return self._loader("val") if "val" in self.streams else []
+
+    def test_dataloader(self) -> DataLoader:
+        """The test loader."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prediction loader."""
+        return self._loader("predict")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count skips and advance the training stream's position for each batch the loop receives."""
+        if not isinstance(batch, TrackedBatch):
+            return batch
+        self.skipped.update(batch.skipped)
+        if batch.stage == "train":
+            self.streams["train"].advance(batch.shard, batch.count, batch.num_workers)
+        return batch.batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position and the skip counts (Lightning stores them in checkpoints)."""
+        state: dict[str, Any] = {"skipped": dict(self.skipped)}
+        if "train" in self.streams:
+            state["train"] = self.streams["train"].state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.skipped = Counter(state_dict.get("skipped", {}))
+        if "train" in state_dict and "train" in self.streams:
+            self.streams["train"].load_state_dict(state_dict["train"])
