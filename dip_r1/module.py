@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -25,6 +25,7 @@ from dip_r1.models import (
     is_peft,
     load_processor,
 )
+from dip_r1.quickstart import TinySFT
 from dip_r1.rewards import RewardSuite
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
 
@@ -61,7 +62,7 @@ class GRPOModule(L.LightningModule):
     def __init__(
         self,
         policy: PolicySpec,
-        warm_start: Any | None = None,
+        warm_start: TinySFT | None = None,
         rewards: RewardSuite | None = None,
         group_size: int = 8,
         max_new_tokens: int = 256,

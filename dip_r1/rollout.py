@@ -54,6 +54,33 @@ def select_prompts(inputs: Mapping[str, Tensor], index: Tensor) -> dict[str, Ten
     return out
 
 
+def _rope_owner(model: nn.Module) -> nn.Module | None:
+    """The submodule that computes multimodal rotary positions (Qwen-VL's ``get_rope_index``), if any."""
+    return next((m for m in model.modules() if hasattr(m, "get_rope_index")), None)
+
+
+def _prompt_positions(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor | None:
+    """``Tensor[3, B, P]`` multimodal positions of the prompts, or None for a model with plain positions."""
+    owner = _rope_owner(model)
+    if owner is None:
+        return None
+    keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask", "mm_token_type_ids")
+    positions, _ = owner.get_rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if k in inputs})
+    return positions
+
+
+def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
+    """One token per row of ``logits [N, V]``: greedy, or from softmax(logits / temperature) cut at top_p."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # always keeps the most likely token
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -71,29 +98,58 @@ def sample_completions(
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt, each stopping at its EOS.
 
-    ``suppress_token_ids`` are never sampled: image placeholders in a completion would no longer match the
-    image features when the completion is scored.
+    The vision encoder and the prompt prefill run once per prompt; the prompt's KV cache is then repeated
+    for its G samples (HF ``generate`` with ``num_return_sequences`` prefills every copy). Prompts are
+    left-padded, so every row's next token goes at the same column. ``suppress_token_ids`` are never
+    sampled: an image placeholder in a completion would no longer match the image features when the
+    completion is scored.
     """
-    batch = inputs["input_ids"].shape[0]
-    prompt_len = inputs["input_ids"].shape[1]
-    out = model.generate(
-        **inputs,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_return_sequences=group_size,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        suppress_tokens=suppress_token_ids or None,
-    )
-    ids = out[:, prompt_len:]
-    mask, truncated = completion_mask(ids, eos_token_id, pad_token_id)
-    ids = ids.masked_fill(~mask, pad_token_id)
-    index = torch.arange(batch, device=ids.device).repeat_interleave(group_size)
-    return Rollout(prompt_index=index, completion_ids=ids, mask=mask, truncated=truncated)
+    batch, prompt_len = inputs["input_ids"].shape
+    device = inputs["input_ids"].device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    positions = _prompt_positions(model, inputs)  # [3, B, P] or None
+    extra = {"position_ids": positions} if positions is not None else {}
+    out = model(**inputs, **extra, use_cache=True, logits_to_keep=1)  # vision + prefill, once per prompt
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+    attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)  # [N, P]
+    if positions is not None:
+        next_pos = positions[:, :, -1:].repeat_interleave(group_size, dim=1) + 1  # [3, N, 1]
+    else:
+        next_pos = attention.long().sum(dim=1, keepdim=True)  # [N, 1]
+
+    n = batch * group_size
+    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if suppress_token_ids:
+            logits[:, suppress_token_ids] = float("-inf")
+        if t < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        token = _sample(logits, temperature, top_p, do_sample)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens[:, t] = token
+        done |= torch.isin(token, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, (~done).to(attention.dtype)[:, None] | 1], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+
+    mask, truncated = completion_mask(tokens, eos_token_id, pad_token_id)
+    ids = tokens.masked_fill(~mask, pad_token_id)
+    keep = int(mask.sum(dim=1).max().clamp(min=1))  # drop columns that are padding in every row
+    index = torch.arange(batch, device=device).repeat_interleave(group_size)
+    return Rollout(prompt_index=index, completion_ids=ids[:, :keep], mask=mask[:, :keep], truncated=truncated)
 
 
 def completion_logprobs(

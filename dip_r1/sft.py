@@ -7,7 +7,6 @@ all (otherwise every reward is 0 and GRPO's advantages vanish).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import lightning as L
 import torch
@@ -16,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from dip_r1.boxes import box_area, box_iou
 from dip_r1.grpo import masked_mean
 from dip_r1.models import PolicySpec, check_model_path, checkpoint_state, has_checkpoint, load_processor
+from dip_r1.quickstart import TinySFT
 from dip_r1.rollout import completion_logprobs
 
 
@@ -66,14 +66,17 @@ class SFTModule(L.LightningModule):
     def __init__(
         self,
         policy: PolicySpec,
-        warm_start: Any | None = None,
+        warm_start: TinySFT | None = None,
         max_look: int = 2,
         max_target_tokens: int = 512,
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "warm_start"])
+        # Plain attributes, not hparams: TinySFT builds this module inside the CLI's own instantiation, where
+        # save_hyperparameters would record the outer module's arguments.
+        self.max_look = max_look
+        self.max_target_tokens = max_target_tokens
         self.strict_loading = False  # LoRA checkpoints hold only the trainable weights
         if warm_start is not None and not has_checkpoint(policy.path):
             warm_start.build(policy.path)
@@ -103,8 +106,8 @@ class SFTModule(L.LightningModule):
         tok = self.processor.tokenizer
         eos = tok.eos_token_id
         rows = [
-            tok(target_completion(t, max_look=self.hparams.max_look), add_special_tokens=False)["input_ids"][
-                : self.hparams.max_target_tokens - 1
+            tok(target_completion(t, max_look=self.max_look), add_special_tokens=False)["input_ids"][
+                : self.max_target_tokens - 1
             ]
             + [eos]
             for t in targets
