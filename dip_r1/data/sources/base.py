@@ -66,14 +66,21 @@ def parse_box(values: object) -> list[float]:
 
     >>> parse_box([1, 2, "3", 4.5])
     [1.0, 2.0, 3.0, 4.5]
+    >>> parse_box([1, 2, float("nan"), 4])
+    Traceback (most recent call last):
+    ...
+    dip_r1.data.sources.base.BadInput: a box must be 4 finite numbers, got [1, 2, nan, 4]
     """
-    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != 4:
+    # Checked in the cheapest order: this runs once per box of every dataset.
+    if type(values) not in (list, tuple) and (isinstance(values, str) or not isinstance(values, Sequence)):
+        raise BadInput("malformed_box", f"a box must be 4 numbers, got {values!r}")
+    if len(values) != 4:
         raise BadInput("malformed_box", f"a box must be 4 numbers, got {values!r}")
     try:
         box = [float(v) for v in values]
     except (TypeError, ValueError):
         raise BadInput("malformed_box", f"a box must be 4 numbers, got {values!r}") from None
-    if not all(math.isfinite(v) for v in box):
+    if not math.isfinite(box[0] + box[1] + box[2] + box[3]):  # nan or inf anywhere
         raise BadInput("malformed_box", f"a box must be 4 finite numbers, got {values!r}")
     return box
 
