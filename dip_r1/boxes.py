@@ -77,38 +77,42 @@ def valid_boxes(boxes: Tensor) -> Tensor:
 
 
 def box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """:func:`box_iou` on numpy arrays, ``[N, M]`` float64.
+    """:func:`box_iou` on numpy arrays, ``[N, M]``; float32 when both inputs are, else float64.
 
     The rewards run it on every completion: on 150 x 150 boxes numpy is several times faster than
-    torch, whose intra-op threads cost more than they save on tensors this small.
+    torch, whose intra-op threads cost more than they save on arrays this small.
 
     >>> box_iou_numpy(np.array([[0.0, 0, 2, 2]]), np.array([[1.0, 0, 3, 2]])).round(4).tolist()
     [[0.3333]]
     """
     inter, area_a, area_b = _intersection_numpy(a, b)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    union = np.add.outer(area_a, area_b)
+    union -= inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def box_ioa_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """:func:`box_ioa` on numpy arrays: intersection over the area of ``a``, ``[N, M]`` float64.
+    """:func:`box_ioa` on numpy arrays: intersection over the area of ``a``, ``[N, M]``.
 
     >>> box_ioa_numpy(np.array([[0.0, 0, 2, 2]]), np.array([[1.0, 0, 3, 2]])).tolist()
     [[0.5]]
     """
     inter, area_a, _ = _intersection_numpy(a, b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(area_a[:, None] > 0, inter / np.where(area_a > 0, area_a, 1.0)[:, None], 0.0)
+    area = np.broadcast_to(area_a[:, None], inter.shape)
+    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
 
 
 def _intersection_numpy(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    # Outer min/max per coordinate: no [N, M, 2] temporaries.
-    iw = np.minimum.outer(a[:, 2], b[:, 2]) - np.maximum.outer(a[:, 0], b[:, 0])
-    ih = np.minimum.outer(a[:, 3], b[:, 3]) - np.maximum.outer(a[:, 1], b[:, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    a, b = np.asarray(a), np.asarray(b)
+    dtype = np.float32 if a.dtype == b.dtype == np.float32 else np.float64
+    a, b = a.astype(dtype, copy=False).reshape(-1, 4), b.astype(dtype, copy=False).reshape(-1, 4)
+    # Outer min/max per coordinate, in place: no [N, M, 2] temporaries.
+    iw = np.minimum.outer(a[:, 2], b[:, 2])
+    iw -= np.maximum.outer(a[:, 0], b[:, 0])
+    ih = np.minimum.outer(a[:, 3], b[:, 3])
+    ih -= np.maximum.outer(a[:, 1], b[:, 1])
+    inter = np.maximum(iw, 0, out=iw)
+    inter *= np.maximum(ih, 0, out=ih)
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0) * np.maximum(a[:, 3] - a[:, 1], 0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
     return inter, area_a, area_b

@@ -44,18 +44,19 @@ def match_boxes(iou: np.ndarray, iou_threshold: float = 0.5) -> tuple[np.ndarray
     >>> match_boxes(np.array([[0.9, 0.6], [0.6, 0.0]]))  # greedy would keep one pair, 0.9
     (array([0, 1]), array([1, 0]))
     """
-    iou = np.asarray(iou, dtype=np.float64)
+    iou = np.asarray(iou)
     cand = iou >= iou_threshold
     rows, cols = np.nonzero(cand)
     if rows.size == 0:
         return rows, cols
     # Candidate pairs are sparse: a pair whose row and column have no other candidate is its own
     # connected component and is matched as is; the assignment runs on the rest only.
-    single = (cand.sum(1)[rows] == 1) & (cand.sum(0)[cols] == 1)
+    single = (np.count_nonzero(cand, 1)[rows] == 1) & (np.count_nonzero(cand, 0)[cols] == 1)
     if single.all():
         return rows, cols
     sub_rows, sub_cols = np.unique(rows[~single]), np.unique(cols[~single])
-    weights = np.where(cand, iou + _PAIR_BONUS, 0.0)[np.ix_(sub_rows, sub_cols)]
+    sub = np.ix_(sub_rows, sub_cols)
+    weights = np.where(cand[sub], iou[sub].astype(np.float64) + _PAIR_BONUS, 0.0)
     r, c = linear_sum_assignment(weights, maximize=True)
     r, c = sub_rows[r], sub_cols[c]
     kept = cand[r, c]
@@ -150,39 +151,44 @@ def precision_recall_reward(
 
 def rasterize_boxes(boxes: list[Tensor | None], image_size: tuple[float, float], grid: int = 32) -> Tensor:
     """``Tensor[len(boxes), grid, grid]`` bool: cell ``[g, y, x]`` is covered when its centre lies in
-    one of ``boxes[g]`` (None: no box). Vectorised: a summed-area difference array, no loop over cells.
+    one of ``boxes[g]`` (None: no box).
 
     >>> rasterize_boxes([torch.tensor([[0.0, 0, 2, 2]])], (4, 4), grid=4)[0].int().tolist()
     [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     """
+    return torch.from_numpy(_rasterize(boxes, image_size, grid) > 0)
+
+
+def _rasterize(boxes: list[Tensor | None], image_size: tuple[float, float], grid: int) -> np.ndarray:
+    """Number of ``boxes[g]`` covering each cell, ``[G, grid, grid]`` float64.
+
+    Vectorised with a summed-area difference array: +1/-1 at the four corners of each box's cell
+    range, then two cumulative sums; no loop over cells or boxes. In numpy rather than torch: on
+    arrays this small torch's intra-op threads made it 10-40x slower when the cores are busy.
+    """
     width, height = float(image_size[0]), float(image_size[1])
-    owners = [torch.full((len(b),), g, dtype=torch.long) for g, b in enumerate(boxes) if b is not None]
-    parts = [b.reshape(-1, 4).float() for b in boxes if b is not None]
-    if not parts or sum(len(p) for p in parts) == 0 or width <= 0 or height <= 0:
-        return torch.zeros((len(boxes), grid, grid), dtype=torch.bool)
-    owner, box = torch.cat(owners), torch.cat(parts).double()
-    # Cell k has its centre at (k + 0.5) * size / grid: it is inside [a, b] for k in [lo, hi].
-    scale = torch.tensor([grid / width, grid / height] * 2, dtype=torch.float64)
-    cell = box * scale - 0.5
-    finite = torch.isfinite(cell).all(1)
-    owner, cell = owner[finite], cell[finite]
-    # Clamp before the cast to integers, so that huge coordinates cannot overflow.
-    lo = torch.ceil(cell[:, :2]).clamp(0, grid).long()
-    hi = (torch.floor(cell[:, 2:]) + 1).clamp(0, grid).long()
-    keep = (lo < hi).all(1)
-    owner, lo, hi = owner[keep], lo[keep], hi[keep]
+    parts = [_as_boxes(b) for b in boxes]
+    owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     side = grid + 1
-    corners = [
-        (lo[:, 1], lo[:, 0], 1),
-        (lo[:, 1], hi[:, 0], -1),
-        (hi[:, 1], lo[:, 0], -1),
-        (hi[:, 1], hi[:, 0], 1),
-    ]
-    index = torch.cat([owner * side * side + y * side + x for y, x, _ in corners])
-    sign = torch.cat([torch.full_like(owner, s) for _, _, s in corners])
-    diff = torch.bincount(index, weights=sign.double(), minlength=len(boxes) * side * side)
-    counts = diff.view(len(boxes), side, side).cumsum(1).cumsum(2)
-    return counts[:, :grid, :grid] > 0.5
+    if len(owner) == 0 or not width > 0 or not height > 0:
+        return np.zeros((len(parts), grid, grid))
+    # Cell k has its centre at (k + 0.5) * size / grid: it is inside [a, b] for k in [lo, hi).
+    cell = np.concatenate(parts).astype(np.float64) * ([grid / width, grid / height] * 2) - 0.5
+    finite = np.isfinite(cell).all(1)
+    owner, cell = owner[finite], cell[finite]
+    # Clip before the cast to integers, so that huge coordinates cannot overflow.
+    lo = np.clip(np.ceil(cell[:, :2]), 0, grid).astype(np.int64)
+    hi = np.clip(np.floor(cell[:, 2:]) + 1, 0, grid).astype(np.int64)
+    keep = (lo < hi).all(1)
+    base, lo, hi = owner[keep] * side * side, lo[keep], hi[keep]
+    index = np.concatenate(
+        [base + lo[:, 1] * side + lo[:, 0], base + lo[:, 1] * side + hi[:, 0]]
+        + [base + hi[:, 1] * side + lo[:, 0], base + hi[:, 1] * side + hi[:, 0]]
+    )
+    sign = np.repeat([1.0, -1.0, -1.0, 1.0], len(base))
+    diff = np.bincount(index, weights=sign, minlength=len(parts) * side * side)
+    counts = diff.reshape(len(parts), side, side).cumsum(1).cumsum(2)
+    return counts[:, :grid, :grid]
 
 
 def look_reward(
@@ -207,25 +213,23 @@ def look_reward(
         raise ValueError(f"mode must be 'f1', 'focus' or 'coverage', not {mode!r}")
     if len(answers) != len(looks):
         raise ValueError(f"{len(answers)} answers but {len(looks)} looks")
-    covered = rasterize_boxes(list(answers), image_size, grid).double()
-    p = covered.mean(0)
+    p = (_rasterize(answers, image_size, grid) > 0).mean(0)
     u = p * (1 - p)
-    u_max, u_sum = u.max(), u.sum()
+    u_max, u_sum = u.max(initial=0.0), u.sum()
     if u_max <= 0:
         return torch.zeros(len(looks))
-    mask = rasterize_boxes(list(looks), image_size, grid).double()
+    mask = _rasterize(looks, image_size, grid) > 0
     hit = (mask * u).sum((1, 2))
     area = mask.sum((1, 2))
-    focus = torch.where(area > 0, hit / (area.clamp(min=1) * u_max), torch.zeros_like(hit))
+    focus = hit / (np.maximum(area, 1) * u_max)  # hit is 0 where the area is
     coverage = hit / u_sum
     if mode == "focus":
-        return focus.float()
-    if mode == "coverage":
-        return coverage.float()
-    f1 = torch.where(
-        hit > 0, 2 * focus * coverage / (focus + coverage).clamp(min=1e-12), torch.zeros_like(hit)
-    )
-    return f1.float()
+        value = focus
+    elif mode == "coverage":
+        value = coverage
+    else:
+        value = np.where(hit > 0, 2 * focus * coverage / np.maximum(focus + coverage, 1e-12), 0.0)
+    return torch.from_numpy(value.astype(np.float32))
 
 
 def _as_boxes(boxes: Tensor | np.ndarray | None) -> np.ndarray:
@@ -233,4 +237,6 @@ def _as_boxes(boxes: Tensor | np.ndarray | None) -> np.ndarray:
         return np.zeros((0, 4))
     if isinstance(boxes, Tensor):
         boxes = boxes.detach().cpu().numpy()
-    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    boxes = np.asarray(boxes)
+    # float32 stays float32 (parsed answers are): half the memory traffic of the IoU matrix.
+    return boxes.astype(boxes.dtype if boxes.dtype == np.float32 else np.float64, copy=False).reshape(-1, 4)

@@ -125,13 +125,13 @@ def _boxes(
     items = _json_box_list(content)
     labels = None
     if items is not None:
-        coords, labels = items[0][:max_boxes], items[1]
-        labels = labels[:max_boxes] if labels is not None else None
+        coords, labels = items
         # In valid JSON the innermost brackets are the boxes, unless a string holds brackets:
         # then the counts differ and the spans cannot be aligned.
-        found = islice(_BRACKETS_RE.finditer(content), max_boxes + 1)
+        found = islice(_BRACKETS_RE.finditer(content), len(coords) + 1)
         spans = [(start + m.start(), start + m.end()) for m in found]
-        spans = spans if len(spans) == len(coords) else ([] if not coords else None)
+        spans = spans[:max_boxes] if len(spans) == len(coords) else ([] if not coords else None)
+        coords, labels = coords[:max_boxes], labels[:max_boxes] if labels is not None else None
     else:
         matches = list(islice(_BOX_RE.finditer(content), max_boxes))
         spans = [(start + m.start(), start + m.end()) for m in matches]
