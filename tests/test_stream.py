@@ -68,6 +68,23 @@ def test_finite_epoch_resumed_has_no_repeat_nor_gap(tmp_path, workers):
     assert before + after == reference
 
 
+def test_every_rank_resumes_from_rank_zero_state(tmp_path):
+    # Lightning saves rank 0's DataModule state and every rank loads it: under DDP ranks take batches
+    # in lockstep, so the per-worker counts are the same on every rank.
+    samples = _samples(tmp_path, 17)
+
+    def stream(rank: int) -> DetectionStream:
+        return DetectionStream([samples], shuffle_buffer=6, seed=4, repeat=True, rank=rank, world_size=2)
+
+    rank0 = stream(0)
+    _take(rank0, workers=2, n=3)
+    for rank in range(2):
+        reference = _take(stream(rank), workers=2, n=7)
+        resumed = stream(rank)
+        resumed.load_state_dict(rank0.state_dict())
+        assert reference[3:] == _take(resumed, workers=2, n=4)
+
+
 def test_layout_change_continues_after_the_consumed_prefix(tmp_path):
     samples = _samples(tmp_path, 30)
     stream = DetectionStream([samples], shuffle_buffer=4, seed=2)
