@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,15 +44,18 @@ def completion(rng: np.random.Generator, gt: np.ndarray, num_boxes: int, size: f
     return f"<think>{think}</think>\n<look>{look}</look>\n<answer>{answer}</answer>"
 
 
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each case, the cases interleaved run by run (after one warm-up) so
+    that a busy moment of the shared CPU does not fall on a single case."""
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
         fn()
-        runs.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(runs))
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            runs[name].append((time.perf_counter() - start) * 1e3)
+    return {f"ms_per_group_{name}": float(np.median(times)) for name, times in runs.items()}
 
 
 def main() -> None:
@@ -69,18 +73,20 @@ def main() -> None:
     assert all(p.well_formed and len(p.answer) == args.boxes for p in parsed)
     suite, g = RewardSuite(), args.group_size
     rewards = {"format": FormatReward(), "look": LookReward(), "accuracy": PrecisionRecallReward()}
+    cases = {
+        "total": lambda: suite(texts, [target], g),
+        "parse": lambda: [parse_completion(t) for t in texts],
+        "rewards_parsed": lambda: suite(parsed, [target], g),
+    }
+    cases.update({name: (lambda r=reward: r(parsed, [target], g)) for name, reward in rewards.items()})
     result = {
         "benchmark": "rewards",
         "group_size": g,
         "pred_boxes": args.boxes,
         "gt_boxes": args.boxes,
         "ignore_regions": args.ignore,
-        "ms_per_group_total": timed(lambda: suite(texts, [target], g), args.repeats),
-        "ms_per_group_parse": timed(lambda: [parse_completion(t) for t in texts], args.repeats),
-        "ms_per_group_rewards_parsed": timed(lambda: suite(parsed, [target], g), args.repeats),
+        **timed(cases, args.repeats),
     }
-    for name, reward in rewards.items():
-        result[f"ms_per_group_{name}"] = timed(lambda r=reward: r(parsed, [target], g), args.repeats)
     result.update(
         torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__
     )

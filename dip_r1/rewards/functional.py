@@ -45,22 +45,23 @@ def match_boxes(iou: np.ndarray, iou_threshold: float = 0.5) -> tuple[np.ndarray
     (array([0, 1]), array([1, 0]))
     """
     iou = np.asarray(iou)
-    cand = iou >= iou_threshold
-    rows, cols = np.nonzero(cand)
+    rows, cols = np.nonzero(iou >= iou_threshold)
     if rows.size == 0:
         return rows, cols
     # Candidate pairs are sparse: a pair whose row and column have no other candidate is its own
     # connected component and is matched as is; the assignment runs on the rest only.
-    single = (np.count_nonzero(cand, 1)[rows] == 1) & (np.count_nonzero(cand, 0)[cols] == 1)
+    row_degree = np.bincount(rows, minlength=iou.shape[0])
+    col_degree = np.bincount(cols, minlength=iou.shape[1])
+    single = (row_degree[rows] == 1) & (col_degree[cols] == 1)
     if single.all():
         return rows, cols
     sub_rows, sub_cols = np.unique(rows[~single]), np.unique(cols[~single])
-    sub = np.ix_(sub_rows, sub_cols)
-    weights = np.where(cand[sub], iou[sub].astype(np.float64) + _PAIR_BONUS, 0.0)
+    sub = iou[np.ix_(sub_rows, sub_cols)].astype(np.float64)
+    weights = np.where(sub >= iou_threshold, sub + _PAIR_BONUS, 0.0)
     r, c = linear_sum_assignment(weights, maximize=True)
-    r, c = sub_rows[r], sub_cols[c]
-    kept = cand[r, c]
-    out_rows, out_cols = np.concatenate([rows[single], r[kept]]), np.concatenate([cols[single], c[kept]])
+    kept = weights[r, c] > 0
+    out_rows = np.concatenate([rows[single], sub_rows[r[kept]]])
+    out_cols = np.concatenate([cols[single], sub_cols[c[kept]]])
     order = np.argsort(out_rows, kind="stable")
     return out_rows[order], out_cols[order]
 
@@ -93,7 +94,7 @@ def match_detections(
     An unmatched prediction whose intersection over its own area with any ignore region is
     ``>= ignore_ioa`` is neither a true nor a false positive (CrowdHuman / CityPersons protocol).
     """
-    pred, gt = _as_boxes(pred), _as_boxes(gt)
+    pred, gt = as_numpy_boxes(pred), as_numpy_boxes(gt)
     if len(pred) and len(gt):
         iou = box_iou_numpy(pred, gt)
         rows, cols = match_boxes(iou, iou_threshold)
@@ -102,7 +103,7 @@ def match_detections(
         rows = cols = np.zeros(0, dtype=np.int64)
         ious = np.zeros(0)
     num_pred = len(pred)
-    ignore = _as_boxes(ignore)
+    ignore = as_numpy_boxes(ignore)
     if len(ignore) and num_pred > len(rows):
         unmatched = np.ones(len(pred), dtype=bool)
         unmatched[rows] = False
@@ -167,7 +168,7 @@ def _rasterize(boxes: list[Tensor | None], image_size: tuple[float, float], grid
     arrays this small torch's intra-op threads made it 10-40x slower when the cores are busy.
     """
     width, height = float(image_size[0]), float(image_size[1])
-    parts = [_as_boxes(b) for b in boxes]
+    parts = [as_numpy_boxes(b) for b in boxes]
     owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     side = grid + 1
     if len(owner) == 0 or not width > 0 or not height > 0:
@@ -232,7 +233,8 @@ def look_reward(
     return torch.from_numpy(value.astype(np.float32))
 
 
-def _as_boxes(boxes: Tensor | np.ndarray | None) -> np.ndarray:
+def as_numpy_boxes(boxes: Tensor | np.ndarray | list | None) -> np.ndarray:
+    """Boxes as a ``[N, 4]`` numpy array (float32 kept, anything else float64); None gives ``[0, 4]``."""
     if boxes is None:
         return np.zeros((0, 4))
     if isinstance(boxes, Tensor):

@@ -74,13 +74,15 @@ class PrecisionRecallReward(GroupReward):
         self.iou_weighted = iou_weighted
 
     def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
+        # Targets may sit on the GPU: copy each prompt's boxes to the host once, not once per completion.
+        boxes = [(F.as_numpy_boxes(t["boxes"]), F.as_numpy_boxes(t.get("ignore"))) for t in targets]
         out = []
         for j, completion in enumerate(completions):
-            target = targets[j // group_size]
+            gt, ignore = boxes[j // group_size]
             value = F.precision_recall_reward(
                 completion.answer,
-                target["boxes"],
-                target.get("ignore"),
+                gt,
+                ignore,
                 iou_threshold=self.iou_threshold,
                 precision_weight=self.precision_weight,
                 recall_weight=self.recall_weight,

@@ -30,6 +30,7 @@ _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 # Innermost bracket groups: the spans of the boxes of a valid JSON block, 3x cheaper than _BOX_RE.
 _BRACKETS_RE = re.compile(r"\[[^\[\]]*\]")
 _TAGS = ("think", "look", "answer")
+_TAG_RE = re.compile(r"</?(?:think|look|answer)>")
 
 
 @dataclass
@@ -80,38 +81,39 @@ def parse_completion(
 
 def _parse(text: str, max_chars: int, max_boxes: int) -> ParsedCompletion:
     s = text[:max_chars]
-    opens = {tag: s.find(f"<{tag}>") for tag in _TAGS}
-    blocks = {tag: _block(s, tag, opens) for tag in _TAGS}
+    # One regex pass finds every tag: blocks and layout both come from it (6 str.count calls cost 6x).
+    tags = [(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(s)]
+    blocks = {tag: _block(s, tag, tags) for tag in _TAGS}
     think = s[blocks["think"][0] : blocks["think"][1]].strip() if blocks["think"] else None
     look, _, _, look_ok = _boxes(s, blocks["look"], max_boxes)
     answer, spans, labels, answer_ok = _boxes(s, blocks["answer"], max_boxes)
-    well_formed = len(text) <= max_chars and look_ok and answer_ok and _layout_ok(s)
+    well_formed = len(text) <= max_chars and look_ok and answer_ok and _layout_ok(s, tags)
     return ParsedCompletion(text, think, look, answer, labels, well_formed, spans)
 
 
-def _block(s: str, tag: str, opens: dict[str, int]) -> tuple[int, int] | None:
+def _block(s: str, tag: str, tags: list[tuple[str, int, int]]) -> tuple[int, int] | None:
     """``(start, end)`` of the content of the first ``<tag>`` block, or None."""
-    if opens[tag] < 0:
+    opener, closer = f"<{tag}>", f"</{tag}>"
+    start = next((end for name, _, end in tags if name == opener), None)
+    if start is None:
         return None
-    start = opens[tag] + len(tag) + 2
-    end = s.find(f"</{tag}>", start)
-    if end < 0:  # unclosed (e.g. truncated): stop at the next block, not inside it
-        later = [i for i in opens.values() if i >= start]
-        end = min(later, default=len(s))
+    after = [(name, pos) for name, pos, _ in tags if pos >= start]
+    end = next((pos for name, pos in after if name == closer), None)
+    if end is None:  # unclosed (e.g. truncated): stop at the next block, not inside it
+        end = next((pos for name, pos in after if name[1] != "/"), len(s))
     return start, end
 
 
-def _layout_ok(s: str) -> bool:
+_LAYOUT = [f"<{slash}{tag}>" for tag in _TAGS for slash in ("", "/")]
+
+
+def _layout_ok(s: str, tags: list[tuple[str, int, int]]) -> bool:
     """Exactly one of each tag, in order, with nothing but whitespace outside the blocks."""
-    marks = [m for tag in _TAGS for m in (f"<{tag}>", f"</{tag}>")]
-    if any(s.count(m) != 1 for m in marks):
+    if [name for name, _, _ in tags] != _LAYOUT:
         return False
-    pos = [s.find(m) for m in marks]
-    if pos != sorted(pos):
-        return False
-    gaps = [s[: pos[0]], s[pos[1] + len(marks[1]) : pos[2]], s[pos[3] + len(marks[3]) : pos[4]]]
-    gaps.append(s[pos[5] + len(marks[5]) :])
-    return all(not g.strip() for g in gaps)
+    pos = [(start, end) for _, start, end in tags]
+    outside = [s[: pos[0][0]], s[pos[1][1] : pos[2][0]], s[pos[3][1] : pos[4][0]], s[pos[5][1] :]]
+    return not any(gap.strip() for gap in outside)
 
 
 def _boxes(
