@@ -11,7 +11,7 @@ import os
 import warnings
 
 import lightning as L
-from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from dip_r1.data import DetectionDataModule
@@ -26,6 +26,22 @@ class DipR1CLI(LightningCLI):
         if data is not None and hasattr(model, "processor"):
             data.connect(model.processor, **model.data_spec())
 
+    def instantiate_trainer(self, **kwargs):
+        # Rich progress bar and model summary by default, unless the config turns them off or brings its own.
+        config = self._get(self.config_init, "trainer", default={})
+        user = config.get("callbacks") or []
+        defaults = []
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in user
+        ):
+            defaults.append(RichProgressBar(leave=True))
+        if config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in user
+        ):
+            defaults.append(RichModelSummary(max_depth=2))
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super().instantiate_trainer(**kwargs)
+
 
 def main(args: list[str] | None = None) -> DipR1CLI:
     # Quiet the noise a CPU install prints on every import; real problems still raise.
@@ -37,7 +53,6 @@ def main(args: list[str] | None = None) -> DipR1CLI:
         DetectionDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [RichProgressBar(leave=True), RichModelSummary(max_depth=2)]},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

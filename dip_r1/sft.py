@@ -31,7 +31,7 @@ def target_completion(target: dict, *, max_look: int = 2, category: str | None =
 
     >>> t = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5.0, 0, 15, 10], [50.0, 50, 52, 60]]), "labels": ["person"] * 3}
     >>> print(target_completion(t, max_look=1))
-    <think>There are 3 persons; 2 of them overlap others. I look closer at the most occluded.</think>
+    <think>3 persons, 2 occluded.</think>
     <look>[[0, 0, 10, 10]]</look>
     <answer>[{"bbox_2d": [0, 0, 10, 10], "label": "person"}, {"bbox_2d": [5, 0, 15, 10], "label": "person"}, {"bbox_2d": [50, 50, 52, 60], "label": "person"}]</answer>
     """
@@ -47,7 +47,7 @@ def target_completion(target: dict, *, max_look: int = 2, category: str | None =
     order = sorted(range(n), key=lambda i: (-float(iou[i]), float(box_area(boxes[i : i + 1])[0])))
     look = [_box_text(boxes[i].tolist()) for i in order[:max_look] if n > 1 and iou[i] > 0]
     answer = [{"bbox_2d": _box_text(b.tolist()), "label": lab} for b, lab in zip(boxes, labels)]
-    think = f"There are {n} {name}s; {occluded} of them overlap others. I look closer at the most occluded."
+    think = f"{n} {name}s, {occluded} occluded."
     return f"<think>{think}</think>\n<look>{json.dumps(look)}</look>\n<answer>{json.dumps(answer)}</answer>"
 
 
