@@ -255,17 +255,14 @@ class PolicySpec:
         )
 
     def data_spec(self, processor) -> dict:
-        """What a DataModule needs of this model: ``datamodule.connect(processor, **spec.data_spec(processor))``."""
+        """What a DataModule needs of this model: ``datamodule.connect(processor, **spec.data_spec(processor))``.
+
+        Only the coordinate convention: pixel limits and the patch factor are read from the processor itself
+        by the prompt builder, unless its own config sets them.
+        """
         from transformers import AutoConfig
 
-        family = family_of(AutoConfig.from_pretrained(self.path))
-        ip = processor.image_processor
-        return {
-            "coordinates": family.coordinates,
-            "min_pixels": getattr(ip, "min_pixels", None) or family.min_pixels,
-            "max_pixels": getattr(ip, "max_pixels", None) or family.max_pixels,
-            "factor": getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2),
-        }
+        return {"coordinates": family_of(AutoConfig.from_pretrained(self.path)).coordinates}
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -276,3 +273,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def is_peft(model: nn.Module) -> bool:
     """Whether the model carries peft adapters (its reference is then the base with adapters disabled)."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+# Lightning checkpoints store the hyper-parameters, PolicySpec included, and resuming loads them with
+# torch.load(weights_only=True): allow these two plain dataclasses.
+torch.serialization.add_safe_globals([PolicySpec, LoraSpec])

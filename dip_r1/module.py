@@ -8,6 +8,7 @@ in :mod:`dip_r1.grpo`, the sampling and scoring in :mod:`dip_r1.rollout`, the re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from typing import Literal
@@ -118,7 +119,10 @@ class GRPOModule(L.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     @property
     def tokenizer(self):
@@ -285,7 +289,11 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
-        checkpoint["dip_r1"] = {"model": str(self.model_path), "skipped_steps": self.skipped_steps}
+        checkpoint["dip_r1"] = {
+            "model": str(self.model_path),
+            "policy": dataclasses.asdict(self.policy_spec),
+            "skipped_steps": self.skipped_steps,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("dip_r1", {}).get("skipped_steps", 0)

@@ -81,6 +81,16 @@ def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def _all_done(done: Tensor) -> bool:
+    """Whether every row is finished, on every rank: under FSDP each decoding step gathers weights across
+    ranks, so a rank that stopped early would leave the others waiting forever."""
+    finished = done.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        finished = finished.to(torch.int32)
+        torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+    return bool(finished)
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -132,7 +142,7 @@ def sample_completions(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens[:, t] = token
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:
+        if _all_done(done) or t == max_new_tokens - 1:
             break
         attention = torch.cat([attention, (~done).to(attention.dtype)[:, None] | 1], dim=1)
         out = model(

@@ -6,6 +6,7 @@ all (otherwise every reward is 0 and GRPO's advantages vanish).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import lightning as L
@@ -99,19 +100,20 @@ class SFTModule(L.LightningModule):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def target_ids(self, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [B, T], mask [B, T])``: each target text and its EOS, right-padded."""
         tok = self.processor.tokenizer
         eos = tok.eos_token_id
-        rows = [
-            tok(target_completion(t, max_look=self.max_look), add_special_tokens=False)["input_ids"][
-                : self.max_target_tokens - 1
-            ]
-            + [eos]
-            for t in targets
-        ]
+        rows = []
+        for t in targets:
+            ids = tok(target_completion(t, max_look=self.max_look), add_special_tokens=False)["input_ids"]
+            # A cut target ends without EOS: teaching EOS mid-answer would teach the policy to stop early.
+            rows.append(ids + [eos] if len(ids) < self.max_target_tokens else ids[: self.max_target_tokens])
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -133,3 +135,7 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
+        checkpoint["dip_r1"] = {
+            "model": str(self.policy_spec.path),
+            "policy": dataclasses.asdict(self.policy_spec),
+        }

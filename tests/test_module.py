@@ -48,7 +48,8 @@ def _fit(module: GRPOModule, steps: int, tmp_path, batch=None) -> list[float]:
     trainer.fit(module, torch.utils.data.DataLoader(Repeat(batch), batch_size=None))
     import csv
 
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     return [float(r["train/reward"]) for r in rows if r.get("train/reward")]
 
 
@@ -80,7 +81,8 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
 
     L.seed_everything(0)
     _fit(_module(tiny_qwen2_vl, beta=0.1), 2, tmp_path)
-    header = next(csv.reader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        header = next(csv.reader(f))
     for key in (
         "train/reward",
         "train/reward/std",
@@ -145,7 +147,8 @@ def test_qlora_trains_on_cpu_with_finite_loss(tiny_qwen2_vl, tmp_path):
     assert any(type(m).__name__ == "Linear4bit" for m in module.policy.modules())
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
     _fit(module, 2, tmp_path)
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters() if p.requires_grad)
