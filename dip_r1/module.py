@@ -44,6 +44,8 @@ class GRPOModule(L.LightningModule):
         rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
         group_size: completions sampled per prompt (G).
         max_new_tokens: most tokens of a completion; longer ones are truncated.
+        min_new_tokens: fewest tokens of a completion (EOS is suppressed until then); benchmarks set it to
+            ``max_new_tokens`` so that every run generates the same number of tokens.
         temperature: sampling temperature of the rollouts (also divides the logits of the loss).
         top_p: nucleus sampling of the rollouts.
         beta: weight of the KL penalty to the reference model; 0 skips the reference forward entirely.
@@ -67,6 +69,7 @@ class GRPOModule(L.LightningModule):
         rewards: RewardSuite | None = None,
         group_size: int = 8,
         max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         beta: float = 0.0,
@@ -168,6 +171,7 @@ class GRPOModule(L.LightningModule):
             temperature=hp.temperature,
             top_p=hp.top_p,
             suppress_token_ids=self.placeholder_ids,
+            min_new_tokens=hp.min_new_tokens,
         )
         self.policy.train()
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -207,6 +211,7 @@ class GRPOModule(L.LightningModule):
                     rollout.completion_ids[mb],
                     rollout.mask[mb],
                     temperature=hp.temperature,
+                    image_features=rollout.image_features,  # the rollout's vision output: no second encoder run
                 )  # [n_mb, T]
                 loss, stats = grpo.grpo_loss(
                     logp,
@@ -282,6 +287,9 @@ class GRPOModule(L.LightningModule):
         log["train/tokens_per_s"] = lengths.sum().item() / max(elapsed, 1e-9)
         log["train/step_s"] = elapsed
         log["train/skipped_steps"] = float(self.skipped_steps)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for reason, count in getattr(datamodule, "skipped", {}).items():  # bad samples, counted not fatal
+            log[f"data/skipped_{reason}"] = float(count)
         batch_size = len(rollout.prompt_index) // group_size
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)

@@ -188,3 +188,29 @@ def test_skips_a_batch_whose_images_all_failed(tiny_qwen2_vl):
 def test_missing_model_path_fails_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model checkpoint at"):
         _module(str(tmp_path / "nowhere"))
+
+
+def test_one_step_on_the_contributing_guide_dataset(tiny_qwen2_vl, tmp_path):
+    # CONTRIBUTING.md's 20-line reader, through the DataModule, trains a GRPO step.
+    from PIL import Image
+    from test_sources import CSVBoxes
+
+    from dip_r1.data import DetectionDataModule
+
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(tmp_path / name)
+    (tmp_path / "boxes.csv").write_text(
+        "a.jpg,1,2,30,40,person\nb.jpg,5,5,20,20,person\nb.jpg,30,8,60,40,person\n"
+    )
+    L.seed_everything(0)
+    module = _module(tiny_qwen2_vl)
+    data = DetectionDataModule(train=[CSVBoxes(str(tmp_path / "boxes.csv"), str(tmp_path))], batch_size=2)
+    data.connect(module.processor, **module.data_spec())
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(module, data)
+    assert trainer.global_step == 1
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters() if p.requires_grad)
