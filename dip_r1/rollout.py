@@ -6,6 +6,7 @@ prompt-major; completions are ``B * G`` rows, row ``j`` belongs to prompt ``prom
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ class Rollout:
     """``Tensor[N, T]`` bool: completion tokens up to and including the first EOS."""
     truncated: Tensor
     """``Tensor[N]`` bool: no EOS within ``max_new_tokens``."""
+    image_features: object | None = None
+    """The vision encoder's output for the prompts (:func:`encode_images`), reused when completions are
+    scored; None where it cannot be reused."""
 
     @property
     def lengths(self) -> Tensor:
@@ -52,6 +56,45 @@ def select_prompts(inputs: Mapping[str, Tensor], index: Tensor) -> dict[str, Ten
         else:
             out[key] = value
     return out
+
+
+def _vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder (the module named ``visual``, as in every Qwen-VL family), if any."""
+    return next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual"), None)
+
+
+def encode_images(model: nn.Module, inputs: Mapping[str, Tensor]):
+    """The vision encoder's output for the batch's images (one per prompt), or None when it cannot be reused.
+
+    It is reused by the prefill and by every scoring pass (policy, old and reference log-probs), so the
+    encoder runs once per prompt per step instead of once per completion per pass. That is exact only when
+    the encoder is the same in all of them: no trainable weight and no adapter in the vision tower (frozen
+    vision, the default), and a model whose forward takes ``mm_encoder_outputs``.
+    """
+    if "pixel_values" not in inputs or "image_grid_thw" not in inputs:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = _vision_tower(base)
+    if (
+        visual is None
+        or "mm_encoder_outputs" not in inspect.signature(base.forward).parameters
+        or not hasattr(base, "get_image_features")
+        or any(p.requires_grad for p in visual.parameters())
+        or any("lora_" in n for n, _ in visual.named_modules())
+    ):
+        return None
+    with torch.no_grad():
+        out = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    extra = [k for k, v in out.items() if v is not None and k not in ("last_hidden_state", "pooler_output")]
+    if extra or not isinstance(out.pooler_output, (tuple, list)):
+        return None  # per-image selection below knows only the merged per-image features
+    return out
+
+
+def select_image_features(features, index: Tensor):
+    """``mm_encoder_outputs`` for the prompts in ``index`` (repeated as needed), from :func:`encode_images`."""
+    per_image = features.pooler_output
+    return {"image": type(features)(pooler_output=tuple(per_image[i] for i in index.tolist()))}
 
 
 def _rope_owner(model: nn.Module) -> nn.Module | None:
@@ -119,7 +162,12 @@ def sample_completions(
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     positions = _prompt_positions(model, inputs)  # [3, B, P] or None
     extra = {"position_ids": positions} if positions is not None else {}
-    out = model(**inputs, **extra, use_cache=True, logits_to_keep=1)  # vision + prefill, once per prompt
+    features = encode_images(model, inputs)  # vision, once per prompt
+    prompts = dict(inputs)
+    if features is not None:
+        del prompts["pixel_values"]
+        extra["mm_encoder_outputs"] = {"image": features}
+    out = model(**prompts, **extra, use_cache=True, logits_to_keep=1)  # prefill, once per prompt
     cache = out.past_key_values
     cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
@@ -159,7 +207,13 @@ def sample_completions(
     ids = tokens.masked_fill(~mask, pad_token_id)
     keep = int(mask.sum(dim=1).max().clamp(min=1))  # drop columns that are padding in every row
     index = torch.arange(batch, device=device).repeat_interleave(group_size)
-    return Rollout(prompt_index=index, completion_ids=ids[:, :keep], mask=mask[:, :keep], truncated=truncated)
+    return Rollout(
+        prompt_index=index,
+        completion_ids=ids[:, :keep],
+        mask=mask[:, :keep],
+        truncated=truncated,
+        image_features=features,
+    )
 
 
 def completion_logprobs(
@@ -170,12 +224,16 @@ def completion_logprobs(
     mask: Tensor,
     *,
     temperature: float = 1.0,
+    image_features=None,
 ) -> Tensor:
     """Log-probabilities of the completion tokens, ``Tensor[n, T]``, for one micro-batch of ``n`` completions.
 
     Only the last ``T + 1`` positions' logits are computed (``logits_to_keep``), so ``[n, prompt, vocab]``
-    never exists. Gradients flow when the caller enables them.
+    never exists. Gradients flow when the caller enables them. ``image_features`` (``Rollout.image_features``)
+    replaces the images: the vision encoder does not run again.
     """
+    if image_features is not None:
+        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
     prompt = select_prompts(inputs, prompt_index)
     ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)  # [n, P + T]
     attention = torch.cat([prompt["attention_mask"], mask.to(prompt["attention_mask"].dtype)], dim=1)
@@ -184,6 +242,8 @@ def completion_logprobs(
         extra["mm_token_type_ids"] = torch.cat(
             [prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1
         )
+    if image_features is not None:
+        extra["mm_encoder_outputs"] = select_image_features(image_features, prompt_index)
     t = completion_ids.shape[1]
     logits = model(
         input_ids=ids, attention_mask=attention, logits_to_keep=t + 1, use_cache=False, **extra
@@ -218,6 +278,7 @@ def all_logprobs(
             rollout.completion_ids[mb],
             rollout.mask[mb],
             temperature=temperature,
+            image_features=rollout.image_features,
         )
         for mb in micro_batches(len(rollout.prompt_index), micro_batch_size)
     ]

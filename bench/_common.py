@@ -1,0 +1,140 @@
+"""What the GRPO step benchmarks share: the synthetic batch, memory counters, model shapes.
+
+The scripts run as ``python bench/<name>.py``, so this module is imported by its bare name.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dip_r1.data.prompts import DEFAULT_SYSTEM_PROMPT
+
+USER_PROMPT = "Detect every person in the image. Give each box in pixels of this image."
+
+
+def messages() -> list[dict]:
+    """One conversation: the DIP-R1 system prompt, then an image and the detection request."""
+    return [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": USER_PROMPT}]},
+    ]
+
+
+def images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """``count`` seeded noise images of ``size`` x ``size`` pixels."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def prompt_inputs(processor, count: int, size: int) -> dict:
+    """A left-padded processor batch of ``count`` image prompts (the same text, different images)."""
+    processor.tokenizer.padding_side = "left"
+    text = processor.apply_chat_template(messages(), tokenize=False, add_generation_prompt=True)
+    return dict(processor(text=[text] * count, images=images(count, size), padding=True, return_tensors="pt"))
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MiB."""
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """Highest resident set size of this process since it started or since :func:`reset_peak_rss`, MiB."""
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS counter at the current RSS (Linux ``clear_refs`` 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+# Qwen2.5-VL-3B-Instruct's architecture (its config.json), for random-init runs where the weights cannot be
+# downloaded: the figures depend on the shapes, not on the values.
+QWEN2_5_VL_3B = dict(
+    text=dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=True,
+    ),
+    vision=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    ),
+)
+SHAPES = {"qwen2_5_vl_3b": ("qwen2_5_vl", QWEN2_5_VL_3B)}
+
+
+def shape_config(shape: str, tokenizer):
+    """A transformers config of a named real model's architecture, with the tiny tokenizer's special ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    from dip_r1.tiny import SPECIAL_TOKENS
+
+    family, spec = SHAPES[shape]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        spec["text"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=spec["vision"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_shape(shape: str, out: str | Path | None = None, dtype: str = "bfloat16") -> Path:
+    """Write a randomly initialised checkpoint of ``shape`` (weights in ``dtype``) with the tiny tokenizer and
+    the full-size Qwen processor limits; reuse ``out`` if it already holds one."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from dip_r1.data.prompts import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
+    from dip_r1.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"{shape}-"))
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(2048)
+    config = shape_config(shape, tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS).save_pretrained(out)
+    (out / "processor_config.json").write_text('{"processor_class": "Qwen2_5_VLProcessor"}')
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out

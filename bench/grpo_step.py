@@ -1,0 +1,228 @@
+"""Time GRPO optimiser steps of ``GRPOModule`` on a fixed synthetic batch; print one JSON line.
+
+    python bench/grpo_step.py --model runs/tiny-s --prompts 2 --group 8 --max-new-tokens 128 --steps 5 \\
+        --fixed-length --lora-r 16 --image-size 448
+
+Each step is the module's whole ``training_step``: rollout (G completions per prompt), rewards,
+advantages, reference log-probs when beta > 0, the loss and its backward over micro-batches, the optimiser
+step. The first ``--warmup`` steps are run but not counted. Keys:
+
+- ``step_s``: median seconds per optimiser step; ``rollout_s``: the median rollout part of it.
+- ``tokens_per_s``: completion tokens generated per second of step (``tokens_per_step / step_s``);
+  ``rollout_tokens_per_s`` per second of rollout.
+- ``vision_calls_per_step``: images through the vision encoder per step, everything included (rollout
+  and scoring); it equals the number of prompts B when the encoder runs once per prompt and its output is
+  reused by the scoring passes, B x G if the rollout repeated each prompt G times.
+  ``vision_calls_rollout_per_step`` / ``vision_calls_scoring_per_step`` split it;
+  ``vision_forward_calls_per_step`` counts batched encoder forwards (one forward encodes many images).
+- ``peak_rss_mb``: highest resident memory of the process (model loading included);
+  ``train_peak_rss_mb``: highest during the timed steps; ``rss_after_import_mb``: the interpreter, torch
+  and transformers alone. ``peak_gpu_mb`` on CUDA.
+
+``--shape qwen2_5_vl_3b`` writes (or reuses, at ``--model``) a randomly initialised checkpoint of that
+architecture: for GPU runs, ``--device cuda --dtype bfloat16 --quantization 4bit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import _common
+
+START_RSS = _common.rss_mb()
+
+
+class _Probe:
+    """Counts images through the vision encoder, by phase, and times the rollout."""
+
+    def __init__(self) -> None:
+        self.phase = "scoring"
+        self.images = {"rollout": 0, "scoring": 0}
+        self.forwards = 0
+        self.rollout_s = 0.0
+        self.tokens = 0
+
+    def hook_vision(self, model) -> None:
+        visual = next(m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual")
+
+        def count(module, args, kwargs, output):
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            self.images[self.phase] += len(grid)
+            self.forwards += 1
+
+        visual.register_forward_hook(count, with_kwargs=True)
+
+    def wrap_sampler(self, sampler):
+        def sample(*args, **kwargs):
+            self.phase, start = "rollout", time.perf_counter()
+            try:
+                rollout = sampler(*args, **kwargs)
+            finally:
+                self.phase = "scoring"
+            self.rollout_s += time.perf_counter() - start
+            self.tokens += int(rollout.mask.sum())
+            return rollout
+
+        return sample
+
+    def take(self) -> dict:
+        out = {**self.images, "forwards": self.forwards, "rollout_s": self.rollout_s, "tokens": self.tokens}
+        self.__init__()
+        return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder (with --shape: where to write or reuse the random one)")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step (B)")
+    p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per completion (T)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimiser steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--fixed-length", action="store_true", help="every completion exactly T tokens")
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help="QLoRA base weights")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0: full fine-tuning")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--beta", type=float, default=0.0, help="KL weight; 0: no reference pass")
+    p.add_argument("--image-size", type=int, default=448, help="side of the square synthetic images")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="completions per scoring forward")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", help="weights and compute dtype (bfloat16 on GPUs)")
+    p.add_argument("--shape", choices=sorted(_common.SHAPES), help="random-init model of a real architecture")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.model is None and args.shape is None:
+        p.error("give --model DIR or --shape NAME")
+    if args.quantization and not args.lora_r:
+        p.error("--quantization trains through adapters: give --lora-r too")
+    return args
+
+
+def build_module(args):
+    import torch
+
+    from dip_r1.models import LoraSpec, PolicySpec
+    from dip_r1.module import GRPOModule
+
+    path = str(_common.build_shape(args.shape, args.model, args.dtype)) if args.shape else args.model
+    lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout) if args.lora_r else None
+    policy = PolicySpec(path, quantization=args.quantization, lora=lora, dtype=args.dtype)
+    return GRPOModule(
+        policy,
+        group_size=args.group,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens if args.fixed_length else 0,
+        beta=args.beta,
+        micro_batch_size=args.micro_batch_size,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+    )
+
+
+def run(args) -> dict:
+    import lightning as L
+
+    import dip_r1.module
+
+    L.seed_everything(args.seed, verbose=False)
+    probe = _Probe()
+    sampler = dip_r1.module.sample_completions
+    dip_r1.module.sample_completions = probe.wrap_sampler(sampler)
+    try:
+        return _run(args, probe)
+    finally:
+        dip_r1.module.sample_completions = sampler
+
+
+def _run(args, probe: _Probe) -> dict:
+    import lightning as L
+    import torch
+
+    module = build_module(args)
+    module.configure_model()
+    probe.hook_vision(module.policy)
+    size = args.image_size
+    empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
+    batch = {
+        "inputs": _common.prompt_inputs(module.processor, args.prompts, size),
+        "targets": [empty] * args.prompts,
+    }
+    steps: list[dict] = []
+    peaks: list[float] = []  # before the timed steps (model loading, warm-up)
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if len(steps) == args.warmup:
+                peaks.append(_common.peak_rss_mb())
+                _common.reset_peak_rss()  # after warm-up: steady-state training memory
+            probe.take()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            steps.append({"step_s": time.perf_counter() - self.start, **probe.take()})
+
+    class Repeat(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield batch
+
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        callbacks=[Timer()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
+    timed = steps[args.warmup :]
+    med = {k: statistics.median(s[k] for s in timed) for k in timed[0]}
+    return {
+        "step_s": round(med["step_s"], 4),
+        "tokens_per_s": round(med["tokens"] / med["step_s"], 2),
+        "peak_rss_mb": round(max(*peaks, _common.peak_rss_mb()), 1),
+        "vision_calls_per_step": med["rollout"] + med["scoring"],
+        "vision_calls_rollout_per_step": med["rollout"],
+        "vision_calls_scoring_per_step": med["scoring"],
+        "vision_forward_calls_per_step": med["forwards"],
+        "rollout_s": round(med["rollout_s"], 4),
+        "rollout_tokens_per_s": round(med["tokens"] / med["rollout_s"], 2),
+        "tokens_per_step": med["tokens"],
+        "train_peak_rss_mb": round(_common.peak_rss_mb(), 1),
+        "rss_after_import_mb": round(START_RSS, 1),
+        **(
+            {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+            if args.device == "cuda"
+            else {}
+        ),
+        "step_s_all": [round(s["step_s"], 4) for s in timed],
+        "parameters": sum(p.numel() for p in module.policy.parameters()),
+        "trainable_parameters": sum(p.numel() for p in module.policy.parameters() if p.requires_grad),
+        "config": {k: v for k, v in vars(args).items()},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    }
+
+
+def main(argv=None) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch  # noqa: F401  (counted in rss_after_import_mb below)
+    import transformers  # noqa: F401
+
+    global START_RSS
+    START_RSS = _common.rss_mb()
+    print(json.dumps(run(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

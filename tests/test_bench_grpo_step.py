@@ -1,0 +1,39 @@
+"""bench/grpo_step.py runs end to end and reports the vision encoder once per prompt."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import dip_r1.module
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load_bench():
+    sys.path.insert(0, str(BENCH))  # the script imports its helper module by bare name, as when run directly
+    try:
+        spec = importlib.util.spec_from_file_location("grpo_step_bench", BENCH / "grpo_step.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
+    bench = _load_bench()
+    sampler = dip_r1.module.sample_completions
+    argv = ["--model", tiny_qwen2_vl, "--prompts", "2", "--group", "3", "--max-new-tokens", "4"]
+    bench.main([*argv, "--steps", "1", "--warmup", "0", "--fixed-length", "--image-size", "56"])
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # one JSON line
+    for key in ("step_s", "tokens_per_s", "peak_rss_mb", "vision_calls_per_step"):
+        assert result[key] > 0, key
+    # 2 prompts: 2 images encoded in the whole step (not 2 x 3), none again when the completions are scored
+    assert result["vision_calls_per_step"] == 2
+    assert result["vision_calls_scoring_per_step"] == 0
+    assert result["tokens_per_step"] == 2 * 3 * 4  # --fixed-length: every completion exactly T tokens
+    assert dip_r1.module.sample_completions is sampler  # the probe is removed afterwards

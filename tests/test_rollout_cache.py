@@ -1,0 +1,53 @@
+"""The rollout's vision output reused by scoring: same log-probs, no second encoder run, and only when exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from helpers import prompt_batch
+
+from dip_r1.models import LoraSpec, load_policy
+from dip_r1.rollout import all_logprobs, encode_images, sample_completions
+
+
+def _count_vision_calls(model) -> list[int]:
+    """Images through the vision tower, one entry per forward call."""
+    calls: list[int] = []
+    visual = next(m for n, m in model.named_modules() if n.endswith("visual"))
+    visual.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(len(kwargs["grid_thw"])), with_kwargs=True
+    )
+    return calls
+
+
+def test_cached_image_features_score_like_the_images(tiny_qwen2_vl, tiny_qwen2_5_vl):
+    for path in (tiny_qwen2_vl, tiny_qwen2_5_vl):
+        model, processor = load_policy(path, lora=LoraSpec(r=4, dropout=0.0))
+        inputs = prompt_batch(processor)
+        calls = _count_vision_calls(model)
+        torch.manual_seed(0)
+        rollout = sample_completions(
+            model, inputs, group_size=3, max_new_tokens=5, eos_token_id=[3], pad_token_id=0
+        )
+        assert rollout.image_features is not None
+        assert calls == [2]  # one batched call that encodes the 2 prompts' images, not 2 x 3
+        cached = all_logprobs(model, inputs, rollout, micro_batch_size=4)
+        assert calls == [2]  # scoring 6 completions ran no encoder at all
+        fresh = all_logprobs(
+            model, inputs, dataclasses.replace(rollout, image_features=None), micro_batch_size=4
+        )
+        assert calls == [
+            2,
+            4,
+            2,
+        ]  # without the cache: each micro-batch (4 + 2 completions) encodes its images
+        torch.testing.assert_close(cached, fresh)
+
+
+def test_no_cache_when_the_vision_tower_trains(tiny_qwen2_vl):
+    model, processor = load_policy(tiny_qwen2_vl, freeze_vision=False)
+    inputs = prompt_batch(processor)
+    assert encode_images(model, inputs) is None  # its output would need gradients in the scoring pass
+    model.requires_grad_(False)
+    assert encode_images(model, inputs) is not None
