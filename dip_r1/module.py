@@ -291,8 +291,11 @@ class GRPOModule(L.LightningModule):
         for reason, count in getattr(datamodule, "skipped", {}).items():  # bad samples, counted not fatal
             log[f"data/skipped_{reason}"] = float(count)
         batch_size = len(rollout.prompt_index) // group_size
-        self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
+        # Means over all ranks (DDP / FSDP), so the logged reward is the whole batch's, not rank 0's share.
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
+        self.log(
+            "reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True
+        )
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
