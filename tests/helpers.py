@@ -24,3 +24,14 @@ def prompt_batch(processor, sizes=((56, 56), (84, 56))) -> dict:
 
 def toy_targets(n: int) -> list[dict]:
     return [{"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (1000, 1000)}] * n
+
+
+class Repeat(torch.utils.data.IterableDataset):
+    """One batch, forever: a DataLoader (``batch_size=None``) for training on a fixed batch."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch

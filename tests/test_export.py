@@ -9,21 +9,12 @@ from argparse import Namespace
 import lightning as L
 import pytest
 import torch
-from helpers import prompt_batch, toy_targets
+from helpers import Repeat, prompt_batch, toy_targets
 
 from dip_r1 import export
 from dip_r1.models import LoraSpec, PolicySpec, load_processor
 from dip_r1.module import GRPOModule
 from dip_r1.sft import SFTModule
-
-
-class Repeat(torch.utils.data.IterableDataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
 
 
 def _train_and_save(module, path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import prompt_batch, toy_targets
+from helpers import Repeat, prompt_batch, toy_targets
 
 from dip_r1.models import LoraSpec, PolicySpec
 from dip_r1.module import GRPOModule
@@ -19,15 +19,6 @@ class DigitReward(GroupReward):
         return torch.tensor(
             [sum(c in "0123456789[]," for c in p.text) / max(len(p.text), 1) for p in completions]
         )
-
-
-class Repeat(torch.utils.data.IterableDataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
 
 
 def _fit(module: GRPOModule, steps: int, tmp_path, batch=None) -> list[float]:

@@ -12,13 +12,14 @@ import json
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from dip_r1.boxes import clip_boxes, empty_boxes, valid_boxes, xywh_to_xyxy
+from dip_r1.data.sample import DetectionSample
 
 
 class BadInput(ValueError):
@@ -131,6 +132,19 @@ class SourceMixin:
     def _skip_bad(self, error: BadInput, location: str) -> None:
         """:meth:`_skip` for a caught :class:`BadInput`."""
         self._skip(error.kind, location, error.reason)
+
+    def _json_lines(
+        self, path: Path, build: Callable[[dict, str], DetectionSample]
+    ) -> Iterator[DetectionSample]:
+        """Samples built from a file of one JSON object a line; a bad line is skipped (or raises, when strict)."""
+        for number, line in read_lines(path):
+            location = where(path, number)
+            try:
+                sample = build(parse_json(line), location)
+            except BadInput as error:
+                self._skip_bad(error, location)
+                continue
+            yield sample
 
     def _clean(
         self,

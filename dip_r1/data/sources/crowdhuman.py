@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dip_r1.data.sample import DetectionSample
-from dip_r1.data.sources.base import BadInput, SourceMixin, parse_box, parse_json, read_lines, where
+from dip_r1.data.sources.base import BadInput, SourceMixin, parse_box
 
 BOX_KEYS = {"full": "fbox", "visible": "vbox", "head": "hbox"}
 
@@ -44,14 +44,7 @@ class CrowdHuman(SourceMixin):
         self._init_source(name, strict)
 
     def __iter__(self) -> Iterator[DetectionSample]:
-        for number, line in read_lines(self.annotation_file):
-            location = where(self.annotation_file, number)
-            try:
-                sample = self._sample(parse_json(line), location)
-            except BadInput as error:
-                self._skip_bad(error, location)
-                continue
-            yield sample
+        return self._json_lines(self.annotation_file, self._sample)
 
     def _sample(self, record: dict, location: str) -> DetectionSample:
         image_id = record.get("ID")
