@@ -225,6 +225,8 @@ def log_average_miss_rate(
         is_fp.append(~tp[counted])
     if num_gt == 0:
         return float("nan")
+    if not sum(len(s) for s in scores):  # no counted detection: everything is missed at every FPPI
+        return 1.0
     order = np.argsort(-np.concatenate(scores), kind="stable")
     tp_cum = np.cumsum(np.concatenate(is_tp)[order])
     fp_cum = np.cumsum(np.concatenate(is_fp)[order])

@@ -17,7 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from dip_r1 import grpo
+from dip_r1 import evaluation, grpo
+from dip_r1.callbacks import RolloutRecord
 from dip_r1.models import (
     PolicySpec,
     check_model_path,
@@ -27,7 +28,7 @@ from dip_r1.models import (
     load_processor,
 )
 from dip_r1.quickstart import TinySFT
-from dip_r1.rewards import RewardSuite
+from dip_r1.rewards import RewardSuite, parse_completion
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
 
 
@@ -60,6 +61,10 @@ class GRPOModule(L.LightningModule):
         on_nonfinite: ``"skip"`` an optimiser step whose loss or gradient is not finite, or ``"raise"``.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-5 by default).
         lr_scheduler: an optional learning-rate scheduler, stepped once per optimiser step.
+        eval_do_sample: validate / test / predict with sampled answers (``temperature``, ``top_p``) instead of
+            greedy ones.
+        compare_base: also evaluate the base model in the same run (LoRA: adapters disabled; full
+            fine-tuning: the reference copy, or the base loaded once more) and print both rows and the difference.
     """
 
     def __init__(
@@ -84,6 +89,8 @@ class GRPOModule(L.LightningModule):
         on_nonfinite: Literal["skip", "raise"] = "skip",
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        eval_do_sample: bool = False,
+        compare_base: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler", "warm_start"])
@@ -101,6 +108,10 @@ class GRPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.skipped_steps = 0
+        self.last_rollout: RolloutRecord | None = None
+        """The last training step's completions, parsed, and rewards (read by ``dip_r1.callbacks``)."""
+        self._evaluators: dict[str, evaluation.DetectionEvaluator] = {}
+        self._base_copy: list[torch.nn.Module] = []  # a list: not registered, never in a checkpoint
 
     # ------------------------------------------------------------------ setup
     def data_spec(self) -> dict:
@@ -175,9 +186,19 @@ class GRPOModule(L.LightningModule):
         )
         self.policy.train()
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        parsed = [parse_completion(text) for text in texts]  # once, for the rewards and the callbacks
 
         # 2. rewards, 3. advantages
-        scores = self.rewards(texts, targets, G)  # {"total": [B*G], "<name>": [B*G]}
+        scores = self.rewards(parsed, targets, G)  # {"total": [B*G], "<name>": [B*G]}
+        self.last_rollout = RolloutRecord(
+            self.global_step,
+            G,
+            texts,
+            parsed,
+            {k: v.detach().cpu() for k, v in scores.items()},
+            targets,
+            batch.get("images"),
+        )
         total = scores["total"].to(self.device)
         advantages = grpo.group_advantages(total, G, scale=hp.scale_rewards)  # [B*G]
 
@@ -296,6 +317,91 @@ class GRPOModule(L.LightningModule):
         self.log(
             "reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True
         )
+
+    # ------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict | None, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def predict_step(self, batch: dict | None, batch_idx: int) -> list[evaluation.Prediction]:
+        """Each image's answer, parsed, scored, in original pixels, with its rewards when ground truth is known
+        (``dip_r1.callbacks.PredictionWriter`` writes them out)."""
+        if batch is None:
+            return []
+        predictions = self._predict(self.policy, batch)
+        known = [p for p in predictions if evaluation.has_ground_truth(p.target)]
+        if known:
+            scores = self.rewards([p.parsed for p in known], [p.target for p in known], 1)
+            for i, p in enumerate(known):
+                p.rewards = {name: round(float(v[i]), 5) for name, v in scores.items()}
+        return predictions
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluators = {name: evaluation.DetectionEvaluator() for name in self._evaluated_models()}
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")
+
+    def _evaluated_models(self) -> list[str]:
+        return ["trained", "base"] if self.hparams.compare_base else ["trained"]
+
+    def _predict(self, model: torch.nn.Module, batch: dict) -> list[evaluation.Prediction]:
+        hp = self.hparams
+        decoded = evaluation.decode_batch(
+            model,
+            self.tokenizer,
+            batch["inputs"],
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            do_sample=hp.eval_do_sample,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            suppress_token_ids=self.placeholder_ids,
+            micro_batch_size=hp.micro_batch_size,
+        )
+        return evaluation.make_predictions(self.tokenizer, decoded, batch["targets"])
+
+    def _evaluate(self, batch: dict | None) -> None:
+        if batch is None:
+            return
+        self._evaluators["trained"].update(self._predict(self.policy, batch))
+        if "base" in self._evaluators:
+            if is_peft(self.policy):
+                with self.policy.disable_adapter():
+                    self._evaluators["base"].update(self._predict(self.policy, batch))
+            else:
+                self._evaluators["base"].update(self._predict(self._base_model(), batch))
+
+    def _base_model(self) -> torch.nn.Module:
+        """The base of a fully fine-tuned policy: the reference copy, else the checkpoint at ``policy.path``
+        loaded once more (a second copy in memory, only while comparing)."""
+        if self.ref_model is not None:
+            return self.ref_model
+        if not self._base_copy:
+            model, _ = self.policy_spec.load()
+            self._base_copy.append(model.requires_grad_(False).eval().to(self.device))
+        return self._base_copy[0]
+
+    def _report(self, stage: str) -> None:
+        results = {name: ev.compute() for name, ev in self._evaluators.items()}
+        if self.trainer.sanity_checking or not results:
+            return
+        log = evaluation.flatten(results["trained"], stage)
+        if "base" in results:
+            log.update(evaluation.flatten(results["base"], f"{stage}_base"))
+        self.log_dict(log, on_step=False, on_epoch=True)
+        if self.trainer.is_global_zero:
+            title = f"{stage}: {'sampled' if self.hparams.eval_do_sample else 'greedy'} answers"
+            evaluation.print_metrics(results["trained"], results.get("base"), title=title)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

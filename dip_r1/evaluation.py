@@ -1,0 +1,325 @@
+"""Evaluation of a policy: decode, parse once, score each box with the model's own probabilities, measure.
+
+Pure helpers (no Lightning): :class:`~dip_r1.module.GRPOModule`'s ``validation_step`` / ``test_step`` /
+``predict_step`` call them, and they are tested on their own.
+
+Box scores. A box's score is the mean log-probability, under the model that wrote it, of the tokens that
+spell the box (``[x1, y1, x2, y2]`` in the answer). Without scores, AP and MR^-2 of a generative detector
+collapse to a single precision-recall point; with them they are real curves. The tokens of a box are found
+by character offsets: each completion token ``k`` covers the characters ``[end[k-1], end[k])`` of the decoded
+text, where ``end[k] = len(decode(ids[:k+1]))`` (the prefix decoded with the same settings as the text
+that was parsed, so byte-level BPE merges, multi-byte characters and skipped special tokens all agree).
+The box's tokens are those whose character range overlaps the box's span from
+:func:`~dip_r1.rewards.parse_completion` (``answer_spans``); a token such as ``'],'`` that also spells a
+neighbouring character counts for the box it touches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from dip_r1.data.images import ImageFolder
+from dip_r1.data.prompts import to_image_coords
+from dip_r1.metrics import DetectionMetrics
+from dip_r1.rewards import ParsedCompletion, parse_completion
+from dip_r1.rollout import all_logprobs, sample_completions
+
+METRIC_COLUMNS = ("precision", "recall", "f1", "mean_iou", "count_mae", "format_valid", "ap", "ap50", "mr2")
+"""The metrics the table shows, in order (every computed metric is logged)."""
+LOWER_IS_BETTER = frozenset({"count_mae", "mr2"})
+
+
+@dataclass
+class Decoded:
+    """One decoded completion and the log-probabilities of its tokens."""
+
+    text: str
+    """The completion, decoded without special tokens (what is parsed)."""
+    ids: list[int]
+    """Its token ids, up to and including EOS."""
+    logprobs: Tensor
+    """``Tensor[len(ids)]`` log-probability of each token under the model (temperature 1)."""
+
+
+@dataclass
+class Prediction:
+    """One image's answer, parsed and scored, with boxes in original pixels."""
+
+    parsed: ParsedCompletion
+    """The completion, parsed (boxes in the model's coordinates)."""
+    scores: Tensor
+    """``Tensor[N]`` mean token log-probability of each answer box (higher is surer)."""
+    boxes: Tensor
+    """``Tensor[N, 4]`` answer boxes in pixels of the original image."""
+    look: Tensor
+    """``Tensor[L, 4]`` look boxes in pixels of the original image."""
+    target: dict[str, Any]
+    """The sample's target (model coordinates, ``orig_size``, ``dataset``, ``image_id``, ...)."""
+    rewards: dict[str, float] | None = field(default=None)
+    """Each reward of this answer when the ground truth is known (predict), else None."""
+
+    @property
+    def text(self) -> str:
+        return self.parsed.text
+
+
+def token_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """End character offset of each token in ``decode(ids, skip_special_tokens=True)``.
+
+    ``end[k] = len(decode(ids[:k + 1]))``, made non-decreasing (a prefix cut inside a multi-byte character
+    decodes to a replacement character that the next token then absorbs). One ``batch_decode`` call.
+    """
+    if not ids:
+        return []
+    prefixes = tokenizer.batch_decode([list(ids[: k + 1]) for k in range(len(ids))], skip_special_tokens=True)
+    ends, last = [], 0
+    for text in prefixes:
+        last = max(last, len(text))
+        ends.append(last)
+    return ends
+
+
+def span_scores(logprobs: Tensor, ends: Sequence[int], spans: Sequence[tuple[int, int]]) -> Tensor:
+    """Mean of ``logprobs`` over the tokens overlapping each character span, ``Tensor[len(spans)]``.
+
+    Token ``k`` covers ``[ends[k - 1], ends[k])`` (``ends[-1]`` taken as 0). A span no token covers (it cannot
+    happen when spans and ends come from the same text) scores ``-inf``.
+
+    >>> span_scores(torch.tensor([-1.0, -2.0, -3.0]), [2, 5, 6], [(1, 3), (5, 6)])
+    tensor([-1.5000, -3.0000])
+    """
+    if not spans:
+        return torch.zeros(0)
+    end = torch.as_tensor(list(ends), dtype=torch.long)
+    start = torch.cat([end.new_zeros(1), end[:-1]])
+    span = torch.as_tensor(list(spans), dtype=torch.long).reshape(-1, 2)
+    overlap = (start[None] < span[:, 1:]) & (end[None] > span[:, :1]) & (end > start)[None]  # [N, T]
+    logprobs = logprobs.detach().float().cpu()[: len(end)]
+    total = (overlap * logprobs[None]).sum(1)
+    count = overlap.sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, -math.inf))
+
+
+@torch.no_grad()
+def decode_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    inputs: Mapping[str, Tensor],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    suppress_token_ids: list[int] | None = None,
+    micro_batch_size: int = 8,
+) -> list[Decoded]:
+    """One completion per prompt (greedy by default) and its tokens' log-probabilities at temperature 1.
+
+    The log-probabilities come from one scoring pass over the finished completions (the sampler keeps no
+    logits), so greedy and sampled decoding are scored alike.
+    """
+    rollout = sample_completions(
+        model,
+        inputs,
+        group_size=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        do_sample=do_sample,
+        suppress_token_ids=suppress_token_ids,
+    )
+    logp = all_logprobs(model, inputs, rollout, micro_batch_size=micro_batch_size, temperature=1.0)
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    out = []
+    for text, ids, row, length in zip(texts, rollout.completion_ids, logp, rollout.lengths.tolist()):
+        out.append(Decoded(text, ids[:length].tolist(), row[:length].detach().float().cpu()))
+    return out
+
+
+def to_original_pixels(boxes: Tensor | None, target: Mapping[str, Any]) -> Tensor:
+    """Model-coordinate boxes of a target's image in pixels of the original image (``[0, 4]`` for None)."""
+    if boxes is None or len(boxes) == 0:
+        return torch.zeros(0, 4)
+    return to_image_coords(boxes, target["orig_size"], target["resized_size"], target["coordinates"])
+
+
+def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequence[dict]) -> list[Prediction]:
+    """Parse each completion once, score its answer boxes and convert them to original pixels."""
+    out = []
+    for d, target in zip(decoded, targets, strict=True):
+        parsed = parse_completion(d.text)
+        n = 0 if parsed.answer is None else len(parsed.answer)
+        if parsed.answer_spans is not None and len(parsed.answer_spans) == n:
+            scores = span_scores(d.logprobs, token_char_ends(tokenizer, d.ids), parsed.answer_spans)
+        else:  # spans could not be aligned with the boxes (brackets inside a label): one score for all
+            scores = torch.full((n,), float(d.logprobs.mean()) if len(d.logprobs) else 0.0)
+        out.append(
+            Prediction(
+                parsed=parsed,
+                scores=scores,
+                boxes=to_original_pixels(parsed.answer, target),
+                look=to_original_pixels(parsed.look, target),
+                target=target,
+            )
+        )
+    return out
+
+
+def has_ground_truth(target: Mapping[str, Any]) -> bool:
+    """Whether a target carries annotation (images from ``predict_images`` do not)."""
+    return target.get("dataset") != ImageFolder.name
+
+
+class DetectionEvaluator:
+    """:class:`~dip_r1.metrics.DetectionMetrics` and the format-valid rate per dataset (``target["dataset"]``).
+
+    Boxes are compared in original pixels. Metrics sync over DDP ranks when computed; every rank must call
+    :meth:`compute`, and the dataset names are gathered first so that a rank that saw no image of a dataset
+    still takes part in its sync.
+    """
+
+    def __init__(self, **metric_kwargs: Any) -> None:
+        """
+        Args:
+            metric_kwargs: Passed to each dataset's ``DetectionMetrics`` (``iou_thresholds``, ...).
+        """
+        self.metric_kwargs = metric_kwargs
+        self.metrics: dict[str, DetectionMetrics] = {}
+        self.format_valid: dict[str, MeanMetric] = {}
+
+    def _add(self, dataset: str) -> None:
+        if dataset not in self.metrics:
+            self.metrics[dataset] = DetectionMetrics(**self.metric_kwargs)
+            self.format_valid[dataset] = MeanMetric()
+
+    def update(self, predictions: Sequence[Prediction]) -> None:
+        """Add one batch of predictions."""
+        for p in predictions:
+            dataset = str(p.target.get("dataset") or "data")
+            self._add(dataset)
+            gt = {
+                "boxes": to_original_pixels(p.target["boxes"], p.target),
+                "ignore": to_original_pixels(p.target.get("ignore"), p.target),
+            }
+            self.metrics[dataset].update([{"boxes": p.boxes, "scores": p.scores}], [gt])
+            self.format_valid[dataset].update(float(p.parsed.well_formed))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{dataset: {metric: value}}`` over everything since the last reset, plus ``images``."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            names: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(names, sorted(self.metrics))
+            for name in sorted({n for part in names for n in part}):
+                self._add(name)
+        out = {}
+        for dataset in sorted(self.metrics):
+            values = {k: float(v) for k, v in self.metrics[dataset].compute().items()}
+            values["format_valid"] = float(self.format_valid[dataset].compute())
+            values["images"] = float(self.metrics[dataset].num_images)
+            out[dataset] = values
+        return out
+
+    def reset(self) -> None:
+        """Forget every dataset."""
+        self.metrics.clear()
+        self.format_valid.clear()
+
+
+def flatten(results: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
+    """``{"<prefix>/<dataset>/<metric>": value}``.
+
+    >>> flatten({"crowd": {"f1": 0.5}}, "val")
+    {'val/crowd/f1': 0.5}
+    """
+    return {
+        f"{prefix}/{dataset}/{name}": value for dataset, row in results.items() for name, value in row.items()
+    }
+
+
+def metrics_table(
+    results: Mapping[str, Mapping[str, float]],
+    base: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    title: str = "evaluation",
+):
+    """A ``rich.table.Table``: a row per dataset; with ``base``, the base row, the trained row and the
+    difference (green where the trained model is better, red where worse)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("dataset")
+    table.add_column("model")
+    table.add_column("images", justify="right")
+    for name in METRIC_COLUMNS:
+        table.add_column(name + (" ↓" if name in LOWER_IS_BETTER else ""), justify="right")
+    for dataset, row in results.items():
+        if base is not None and dataset in base:
+            table.add_row(dataset, "base", *_cells(base[dataset]))
+            table.add_row("", "trained", *_cells(row))
+            table.add_row("", "difference", *_differences(row, base[dataset]), end_section=True)
+        else:
+            table.add_row(dataset, "trained" if base is not None else "", *_cells(row))
+    return table
+
+
+def _cells(row: Mapping[str, float]) -> list[str]:
+    return [f"{int(row.get('images', 0))}"] + [_fmt(row.get(name)) for name in METRIC_COLUMNS]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _differences(row: Mapping[str, float], base: Mapping[str, float]) -> list[str]:
+    cells = [""]
+    for name in METRIC_COLUMNS:
+        a, b = row.get(name), base.get(name)
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
+            cells.append("-")
+            continue
+        d = a - b
+        better = d < 0 if name in LOWER_IS_BETTER else d > 0
+        colour = "green" if better else ("red" if d != 0 else "dim")
+        cells.append(f"[{colour}]{d:+.3f}[/{colour}]")
+    return cells
+
+
+def print_metrics(
+    results: Mapping[str, Mapping[str, float]],
+    base: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    title: str = "evaluation",
+) -> None:
+    """Print :func:`metrics_table` to the terminal."""
+    from rich.console import Console
+
+    Console().print(metrics_table(results, base, title=title))
+
+
+def prediction_record(p: Prediction, image: str | None = None) -> dict[str, Any]:
+    """One ``predictions.jsonl`` line: raw completion, boxes and look in original pixels, scores, rewards."""
+    target = p.target
+    return {
+        "image_id": target.get("image_id"),
+        "dataset": target.get("dataset"),
+        "image": image,
+        "orig_size": list(target.get("orig_size", ())),
+        "completion": p.text,
+        "well_formed": p.parsed.well_formed,
+        "boxes": [[round(v, 2) for v in box] for box in p.boxes.tolist()],
+        "scores": [round(v, 5) for v in p.scores.tolist()],
+        "labels": p.parsed.labels,
+        "look": [[round(v, 2) for v in box] for box in p.look.tolist()],
+        "rewards": p.rewards,
+    }
