@@ -34,6 +34,17 @@ from dip_r1.rollout import all_logprobs, sample_completions
 METRIC_COLUMNS = ("precision", "recall", "f1", "mean_iou", "count_mae", "format_valid", "ap", "ap50", "mr2")
 """The metrics the table shows, in order (every computed metric is logged)."""
 LOWER_IS_BETTER = frozenset({"count_mae", "mr2"})
+_HEADERS = {
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "F1",
+    "mean_iou": "mean IoU",
+    "count_mae": "count error",
+    "format_valid": "format valid",
+    "ap": "AP",
+    "ap50": "AP50",
+    "mr2": "MR-2",
+}
 
 
 @dataclass
@@ -253,46 +264,46 @@ def metrics_table(
     *,
     title: str = "evaluation",
 ):
-    """A ``rich.table.Table``: a row per dataset; with ``base``, the base row, the trained row and the
-    difference (green where the trained model is better, red where worse)."""
+    """A ``rich.table.Table`` with a row per metric and a column per dataset; with ``base``, three columns
+    per dataset: the base model, the trained one and the difference (green where the trained model is
+    better, red where worse). Metrics in rows keep the table narrow enough for a terminal."""
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("dataset")
-    table.add_column("model")
-    table.add_column("images", justify="right")
-    for name in METRIC_COLUMNS:
-        table.add_column(name + (" ↓" if name in LOWER_IS_BETTER else ""), justify="right")
+    table = Table(title=title, caption="at IoU 0.5; ↓ lower is better")
+    table.add_column("metric", no_wrap=True)
+    columns: list[tuple[str, Mapping[str, float], Mapping[str, float] | None]] = []
     for dataset, row in results.items():
         if base is not None and dataset in base:
-            table.add_row(dataset, "base", *_cells(base[dataset]))
-            table.add_row("", "trained", *_cells(row))
-            table.add_row("", "difference", *_differences(row, base[dataset]), end_section=True)
+            columns += [(f"{dataset}\nbase", base[dataset], None), (f"{dataset}\ntrained", row, None)]
+            columns.append((f"{dataset}\ndifference", row, base[dataset]))
         else:
-            table.add_row(dataset, "trained" if base is not None else "", *_cells(row))
+            columns.append((dataset, row, None))
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+    table.add_row(
+        "images", *[f"{int(row.get('images', 0))}" if ref is None else "" for _, row, ref in columns]
+    )
+    for name in METRIC_COLUMNS:
+        label = _HEADERS[name] + (" ↓" if name in LOWER_IS_BETTER else "")
+        cells = [
+            _fmt(row.get(name)) if ref is None else _difference(name, row, ref) for _, row, ref in columns
+        ]
+        table.add_row(label, *cells)
     return table
-
-
-def _cells(row: Mapping[str, float]) -> list[str]:
-    return [f"{int(row.get('images', 0))}"] + [_fmt(row.get(name)) for name in METRIC_COLUMNS]
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def _differences(row: Mapping[str, float], base: Mapping[str, float]) -> list[str]:
-    cells = [""]
-    for name in METRIC_COLUMNS:
-        a, b = row.get(name), base.get(name)
-        if a is None or b is None or math.isnan(a) or math.isnan(b):
-            cells.append("-")
-            continue
-        d = a - b
-        better = d < 0 if name in LOWER_IS_BETTER else d > 0
-        colour = "green" if better else ("red" if d != 0 else "dim")
-        cells.append(f"[{colour}]{d:+.3f}[/{colour}]")
-    return cells
+def _difference(name: str, row: Mapping[str, float], base: Mapping[str, float]) -> str:
+    a, b = row.get(name), base.get(name)
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return "-"
+    d = a - b
+    better = d < 0 if name in LOWER_IS_BETTER else d > 0
+    colour = "green" if better else ("red" if d != 0 else "dim")
+    return f"[{colour}]{d:+.3f}[/{colour}]"
 
 
 def print_metrics(
