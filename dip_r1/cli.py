@@ -1,5 +1,9 @@
 """``dip-r1``: the LightningCLI (fit, validate, test, predict) over a policy module and the detection data.
 
+Checkpoints are written atomically (:class:`~dip_r1.checkpointing.AtomicCheckpointIO`) and carry the random
+generator states (:class:`~dip_r1.checkpointing.RNGStateCallback`) unless the config brings its own
+CheckpointIO plugin or turns ``--trainer.enable_checkpointing`` off: ``--ckpt_path last`` resumes exactly.
+
 dip-r1 fit --config recipes/quickstart.yaml
 dip-r1 fit --config recipes/quickstart.yaml --model.init_args.group_size 4 --trainer.max_steps 10
 dip-r1 fit --config recipes/quickstart.yaml --print_config
@@ -13,7 +17,9 @@ import warnings
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from dip_r1.checkpointing import AtomicCheckpointIO, RNGStateCallback
 from dip_r1.data import DetectionDataModule
 
 
@@ -21,13 +27,22 @@ class DipR1CLI(LightningCLI):
     """LightningCLI that hands the model's processor to the DataModule once both are built."""
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            # A wrong model or dataset path: one line naming it (jsonargparse would wrap it in pages of
+            # config dump), raised while the classes are built, before any model weights are loaded.
+            missing = _missing_path(exc)
+            if missing is None:
+                raise
+            raise SystemExit(f"dip-r1: error: {missing}") from None
         model, data = self.model, self.datamodule
         if data is not None and hasattr(model, "processor"):
             data.connect(model.processor, **model.data_spec())
 
     def instantiate_trainer(self, **kwargs):
-        # Rich progress bar and model summary by default, unless the config turns them off or brings its own.
+        # Rich progress bar and model summary by default, unless the config turns them off or brings its own;
+        # atomic checkpoints with the generator states, unless checkpointing is off or has its own IO.
         config = self._get(self.config_init, "trainer", default={})
         user = config.get("callbacks") or []
         defaults = []
@@ -39,16 +54,40 @@ class DipR1CLI(LightningCLI):
             isinstance(c, ModelSummary) for c in user
         ):
             defaults.append(RichModelSummary(max_depth=2))
+        if config.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, RNGStateCallback) for c in user):
+                defaults.append(RNGStateCallback())
+            plugins = config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args: list[str] | None = None) -> DipR1CLI:
+def _missing_path(exc: BaseException | None) -> FileNotFoundError | None:
+    """The FileNotFoundError that ``exc`` is or was caused by, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FileNotFoundError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> DipR1CLI | None:
+    """Run the CLI on ``args`` (default: the command line).
+
+    Returns the CLI object when ``args`` are given (tests, notebooks), None when they come from the command
+    line: the ``dip-r1`` console script hands the return value to ``sys.exit``, where an object would mean
+    exit status 1 after a successful run.
+    """
     # Quiet the noise a CPU install prints on every import; real problems still raise.
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     warnings.filterwarnings("ignore", message=".*torchvision.*falling back.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DipR1CLI(
+    cli = DipR1CLI(
         L.LightningModule,
         DetectionDataModule,
         subclass_mode_model=True,
@@ -56,6 +95,7 @@ def main(args: list[str] | None = None) -> DipR1CLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    return cli if args is not None else None
 
 
 if __name__ == "__main__":
