@@ -111,6 +111,7 @@ def fit_config(run: Path, model: str, data: Path, n_images: int = 12, **model_ar
                         "n": n_images,
                         "width": 96,
                         "height": 72,
+                        "min_people": 1,
                         "max_people": 2,
                     },
                 }
