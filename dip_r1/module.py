@@ -330,13 +330,7 @@ class GRPOModule(L.LightningModule):
         (``dip_r1.callbacks.PredictionWriter`` writes them out)."""
         if batch is None:
             return []
-        predictions = self._predict(self.policy, batch)
-        known = [p for p in predictions if evaluation.has_ground_truth(p.target)]
-        if known:
-            scores = self.rewards([p.parsed for p in known], [p.target for p in known], 1)
-            for i, p in enumerate(known):
-                p.rewards = {name: round(float(v[i]), 5) for name, v in scores.items()}
-        return predictions
+        return evaluation.attach_rewards(self._predict(self.policy, batch), self.rewards)
 
     def on_validation_epoch_start(self) -> None:
         self._evaluators = {name: evaluation.DetectionEvaluator() for name in self._evaluated_models()}
@@ -375,13 +369,10 @@ class GRPOModule(L.LightningModule):
             return
         self._evaluators["trained"].update(self._predict(self.policy, batch))
         if "base" in self._evaluators:
-            if is_peft(self.policy):
-                with self.policy.disable_adapter():
-                    self._evaluators["base"].update(self._predict(self.policy, batch))
-            else:
-                self._evaluators["base"].update(self._predict(self._base_model(), batch))
+            with evaluation.base_model(self.policy, self._full_base) as base:
+                self._evaluators["base"].update(self._predict(base, batch))
 
-    def _base_model(self) -> torch.nn.Module:
+    def _full_base(self) -> torch.nn.Module:
         """The base of a fully fine-tuned policy: the reference copy, else the checkpoint at ``policy.path``
         loaded once more (a second copy in memory, only while comparing)."""
         if self.ref_model is not None:
