@@ -17,7 +17,8 @@ neighbouring character counts for the box it touches.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from torchmetrics.aggregation import MeanMetric
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import to_image_coords
 from dip_r1.metrics import DetectionMetrics
+from dip_r1.models import is_peft
 from dip_r1.rewards import ParsedCompletion, parse_completion
 from dip_r1.rollout import all_logprobs, sample_completions
 
@@ -190,6 +192,28 @@ def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequen
 def has_ground_truth(target: Mapping[str, Any]) -> bool:
     """Whether a target carries annotation (images from ``predict_images`` do not)."""
     return target.get("dataset") != ImageFolder.name
+
+
+def attach_rewards(predictions: list[Prediction], rewards: Callable) -> list[Prediction]:
+    """Score the predictions whose ground truth is known with a :class:`~dip_r1.rewards.RewardSuite` (groups
+    of one: the look reward, which needs a group's disagreement, is then 0) and store each reward."""
+    known = [p for p in predictions if has_ground_truth(p.target)]
+    if known:
+        scores = rewards([p.parsed for p in known], [p.target for p in known], 1)
+        for i, p in enumerate(known):
+            p.rewards = {name: round(float(v[i]), 5) for name, v in scores.items()}
+    return predictions
+
+
+@contextmanager
+def base_model(policy: nn.Module, full_base: Callable[[], nn.Module]) -> Iterator[nn.Module]:
+    """The model the policy was trained from: the policy itself with its LoRA adapters disabled, or, for full
+    fine-tuning, ``full_base()``."""
+    if is_peft(policy):
+        with policy.disable_adapter():
+            yield policy
+    else:
+        yield full_base()
 
 
 class DetectionEvaluator:
