@@ -221,6 +221,7 @@ def main(argv=None) -> None:
 
     global START_RSS
     START_RSS = _common.rss_mb()
+    _common.flush_denormals()
     print(json.dumps(run(parse_args(argv))))
 
 

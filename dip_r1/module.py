@@ -161,6 +161,13 @@ class GRPOModule(L.LightningModule):
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.eos_ids[0]
 
+    @property
+    def never_sampled_ids(self) -> list[int]:
+        """Tokens a rollout never samples: the image placeholders, and the pad token unless it is an EOS (a
+        sampled pad would be masked out as padding, leaving a hole in the completion and its length short)."""
+        pad = [] if self.pad_id in self.eos_ids else [self.pad_id]
+        return sorted(set(self.placeholder_ids + pad))
+
     # --------------------------------------------------------------- training
     def training_step(self, batch: dict | None, batch_idx: int) -> None:
         if batch is None:  # every image of the batch failed to load: nothing to learn from
@@ -181,7 +188,7 @@ class GRPOModule(L.LightningModule):
             pad_token_id=self.pad_id,
             temperature=hp.temperature,
             top_p=hp.top_p,
-            suppress_token_ids=self.placeholder_ids,
+            suppress_token_ids=self.never_sampled_ids,
             min_new_tokens=hp.min_new_tokens,
         )
         self.policy.train()
