@@ -157,3 +157,25 @@ def metrics(run: Path, version: int = 0) -> list[dict]:
 
     with open(run / "logs" / f"version_{version}" / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r.get("train/reward")]
+
+
+def train(module, batches: list, max_steps: int, log_dir: Path) -> tuple[L.Trainer, list[dict]]:
+    """``Trainer.fit`` on ``batches`` in order (None entries included), CSV logs; returns the trainer and the
+    logged training rows."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=CSVLogger(log_dir),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    with open(next(Path(log_dir).rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/reward")]
+    return trainer, rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -86,7 +87,8 @@ class DetectionDataModule(LightningDataModule):
 
     The model hands its processor over with :meth:`connect` before the loaders are built. Each batch is
     ``{"inputs": processor outputs for generation, "targets": [dict], "prompts": [str], "images":
-    [PIL.Image]}``; a batch whose images all failed reaches the loop as None (Lightning skips it).
+    [PIL.Image]}``; a batch whose images all failed reaches the loop as None, with a warning, and
+    Lightning skips it: no ``training_step``, no optimiser step, so ``max_steps`` still counts real steps.
     ``skipped`` counts skipped samples per reason over all workers. The training stream position is
     saved in checkpoints (``state_dict``), see :class:`~dip_r1.data.stream.DetectionStream` for the
     resume guarantee.
@@ -220,6 +222,13 @@ class DetectionDataModule(LightningDataModule):
         self.skipped.update(batch.skipped)
         if batch.stage == "train":
             self.streams["train"].advance(batch.shard, batch.count, batch.num_workers)
+        if batch.batch is None:
+            # Lightning then skips the step with a generic warning, once per run: say which and why, each time.
+            reasons = ", ".join(sorted(set(batch.skipped)))
+            warnings.warn(
+                f"{batch.stage} batch of {batch.count} samples skipped: no image could be loaded ({reasons})",
+                stacklevel=2,
+            )
         return batch.batch
 
     def state_dict(self) -> dict[str, Any]:
