@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch.distributed as dist
@@ -55,6 +56,22 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
         buffer[k] = item
     rng.shuffle(buffer)
     yield from buffer
+
+
+PATH_ATTRIBUTES = ("annotation_file", "ignore_file", "image_dir", "image_root", "root", "path")
+"""The attributes under which the readers of ``dip_r1.data.sources`` keep the files and folders they read."""
+
+
+def check_paths(source: Any) -> None:
+    """Fail in one line naming the path when a reader's annotation file or image folder is missing.
+
+    Readers are lazy, so without this a wrong path would surface at the first batch, after the model is
+    loaded, or (a wrong image folder) as every image skipped, forever, under ``repeat``.
+    """
+    for attribute in PATH_ATTRIBUTES:
+        path = getattr(source, attribute, None)
+        if isinstance(path, Path) and not path.exists():
+            raise FileNotFoundError(f"{source_name(source)}: {attribute} {path} does not exist")
 
 
 class DetectionStream(IterableDataset):
@@ -117,6 +134,7 @@ class DetectionStream(IterableDataset):
                     f"{source_name(source)} is a one-shot iterator; give a list or a reader that can be "
                     "iterated again (every worker and every epoch iterates it from the start)"
                 )
+            check_paths(source)
         self.weights = [1.0] * len(self.sources) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.sources):
             raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
