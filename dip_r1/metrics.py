@@ -185,7 +185,9 @@ def coco_average_precision(
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    return float(evaluator.stats[0]), float(evaluator.stats[1])
+    # COCO reports -1 where no ground-truth box falls in its area range (only degenerate boxes): undefined too
+    ap, ap50 = (float(v) if v >= 0 else float("nan") for v in evaluator.stats[:2])
+    return ap, ap50
 
 
 def log_average_miss_rate(
