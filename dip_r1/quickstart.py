@@ -7,6 +7,7 @@ short SFT run, so that GRPO starts from a policy whose rewards are not all 0.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,14 @@ import torch
 from dip_r1.data.sample import DetectionSample
 from dip_r1.data.sources import CrowdHuman
 from dip_r1.data.synthetic import generate
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; if another process got there first, keep theirs."""
+    try:
+        tmp.rename(final)
+    except OSError:  # `final` exists and is not empty
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class SyntheticCrowd:
@@ -52,11 +61,12 @@ class SyntheticCrowd:
     def _reader(self) -> CrowdHuman:
         annotation = self.root / "annotation.odgt"
         if not annotation.is_file():
-            tmp = self.root.with_name(self.root.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Built aside under a name of this process, then renamed: a set interrupted half-way is never
+            # mistaken for a whole one, and two runs starting together do not write into each other's files.
+            tmp = self.root.with_name(f"{self.root.name}.partial-{os.getpid()}")
             generate(tmp, **self._args)
             self.root.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(self.root)  # a set interrupted half-way is never mistaken for a whole one
+            _publish(tmp, self.root)
         return CrowdHuman(annotation, self.root / "Images", name=self.name)
 
     def __iter__(self) -> Iterator[DetectionSample]:
@@ -106,7 +116,7 @@ class TinySFT:
         from dip_r1.tiny import save_tiny
 
         path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_tiny(tmp, self.family, self.size, self.seed)
         with torch.random.fork_rng():
@@ -127,6 +137,5 @@ class TinySFT:
             trainer.fit(module, data)
             module.policy.save_pretrained(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        _publish(tmp, path)
         return path
