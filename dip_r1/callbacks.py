@@ -138,11 +138,11 @@ class CompletionsTable(Callback):
 
         table = Table(title=f"completions at step {record.step}", show_lines=True)
         table.add_column("#", justify="right")
-        table.add_column("image")
-        table.add_column("completion", overflow="fold")
+        table.add_column("image", max_width=12, no_wrap=True, overflow="ellipsis")
+        table.add_column("completion", overflow="fold", min_width=36, ratio=1)
         names = list(record.scores)
         for name in names:
-            table.add_column(name, justify="right")
+            table.add_column(name, justify="right", no_wrap=True)
         for j, text in enumerate(record.texts[: self.n]):
             target = record.targets[j // record.group_size]
             shown = text if len(text) <= self.max_chars else text[: self.max_chars] + "…"
