@@ -136,18 +136,20 @@ class CompletionsTable(Callback):
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"completions at step {record.step}", show_lines=True)
-        table.add_column("#", justify="right")
-        table.add_column("image", max_width=12, no_wrap=True, overflow="ellipsis")
-        table.add_column("completion", overflow="fold", min_width=36, ratio=1)
+        shown = record.texts[: self.n]
+        G = record.group_size
+        images = sorted({str(record.targets[j // G].get("image_id", "")) for j in range(len(shown))})
+        title = f"completions at step {record.step} (image {escape(', '.join(images))})"
+        table = Table(title=title, show_lines=True)
+        table.add_column("#", justify="right")  # prompt.completion
+        table.add_column("completion", overflow="fold", min_width=24, ratio=1)
         names = list(record.scores)
         for name in names:
-            table.add_column(name, justify="right", no_wrap=True)
-        for j, text in enumerate(record.texts[: self.n]):
-            target = record.targets[j // record.group_size]
-            shown = text if len(text) <= self.max_chars else text[: self.max_chars] + "…"
+            table.add_column(name, justify="right")
+        for j, text in enumerate(shown):
+            text = text if len(text) <= self.max_chars else text[: self.max_chars] + "…"
             values = [f"{float(record.scores[name][j]):.3f}" for name in names]
-            table.add_row(str(j), escape(str(target.get("image_id", ""))), escape(shown), *values)
+            table.add_row(f"{j // G}.{j % G}", escape(text), *values)
         return table
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
