@@ -366,7 +366,7 @@ class GRPOModule(L.LightningModule):
             do_sample=hp.eval_do_sample,
             temperature=hp.temperature,
             top_p=hp.top_p,
-            suppress_token_ids=self.placeholder_ids,
+            suppress_token_ids=self.never_sampled_ids,
             micro_batch_size=hp.micro_batch_size,
         )
         return evaluation.make_predictions(self.tokenizer, decoded, batch["targets"])
