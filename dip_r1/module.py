@@ -41,7 +41,7 @@ class GRPOModule(L.LightningModule):
 
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
-        warm_start: builds the checkpoint at ``model`` when it is missing (the quickstart's tiny SFT model).
+        warm_start: builds the checkpoint at ``policy.path`` when it is missing (the quickstart's tiny SFT model).
         rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
         group_size: completions sampled per prompt (G).
         max_new_tokens: most tokens of a completion; longer ones are truncated.
