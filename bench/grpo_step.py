@@ -92,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=448, help="side of the square synthetic images")
     p.add_argument("--micro-batch-size", type=int, default=8, help="completions per scoring forward")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument(
+        "--release-load-memory",
+        action="store_true",
+        help="after loading, copy weights out of the checkpoint's memory map and trim the heap (_common)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", help="weights and compute dtype (bfloat16 on GPUs)")
     p.add_argument("--shape", choices=sorted(_common.SHAPES), help="random-init model of a real architecture")
@@ -112,7 +118,13 @@ def build_module(args):
 
     path = str(_common.build_shape(args.shape, args.model, args.dtype)) if args.shape else args.model
     lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout) if args.lora_r else None
-    policy = PolicySpec(path, quantization=args.quantization, lora=lora, dtype=args.dtype)
+    policy = PolicySpec(
+        path,
+        quantization=args.quantization,
+        lora=lora,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     return GRPOModule(
         policy,
         group_size=args.group,
@@ -145,6 +157,9 @@ def _run(args, probe: _Probe) -> dict:
 
     module = build_module(args)
     module.configure_model()
+    if args.release_load_memory:
+        _common.release_load_memory(module.policy)
+    loaded_rss = _common.rss_mb()
     probe.hook_vision(module.policy)
     size = args.image_size
     empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
@@ -199,17 +214,27 @@ def _run(args, probe: _Probe) -> dict:
         "tokens_per_step": med["tokens"],
         "train_peak_rss_mb": round(_common.peak_rss_mb(), 1),
         "rss_after_import_mb": round(START_RSS, 1),
+        "rss_after_load_mb": round(loaded_rss, 1),
         **(
             {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
             if args.device == "cuda"
             else {}
         ),
         "step_s_all": [round(s["step_s"], 4) for s in timed],
+        "weights_mb": round(_weights_mb(module.policy), 1),
         "parameters": sum(p.numel() for p in module.policy.parameters()),
         "trainable_parameters": sum(p.numel() for p in module.policy.parameters() if p.requires_grad),
         "config": {k: v for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
+
+
+def _weights_mb(model) -> float:
+    """Bytes of the model's parameters and buffers (each storage once), MiB: 4-bit weights count packed."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
+    }
+    return sum(storages.values()) / 2**20
 
 
 def main(argv=None) -> None:

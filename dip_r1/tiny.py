@@ -42,6 +42,8 @@ CHAT_TEMPLATE = (
 SIZES = {
     "xs": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=192, vision=32, vision_depth=1, vocab=1024),
     "s": dict(hidden=256, layers=5, heads=4, kv_heads=2, mlp=768, vision=64, vision_depth=2, vocab=2048),
+    # ~100 M parameters, nearly all in the language model's linear layers: the memory benchmark's QLoRA subject
+    "m": dict(hidden=768, layers=12, heads=12, kv_heads=4, mlp=3072, vision=128, vision_depth=2, vocab=2048),
 }
 # Pixel limits of the tiny processors: images of at most 8 x 8 merged patches (64 image tokens).
 MIN_PIXELS = 28 * 28 * 4
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     parser.add_argument(
-        "--size", default="xs", choices=sorted(SIZES), help="xs: under 2 M parameters; s: ~5 M"
+        "--size", default="xs", choices=sorted(SIZES), help="xs: under 2 M parameters; s: ~5 M; m: ~100 M"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = parser.parse_args(argv)
