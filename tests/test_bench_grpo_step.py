@@ -37,3 +37,25 @@ def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
     assert result["vision_calls_scoring_per_step"] == 0
     assert result["tokens_per_step"] == 2 * 3 * 4  # --fixed-length: every completion exactly T tokens
     assert dip_r1.module.sample_completions is sampler  # the probe is removed afterwards
+
+
+def test_benchmark_model_sizes():
+    # the memory benchmark's subject is ~100 M parameters, and the GPU shape is Qwen2.5-VL-3B's 3.75 B
+    # (counted on the meta device: nothing is allocated)
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from dip_r1.tiny import build_config, build_tokenizer
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    tokenizer = build_tokenizer(2048)
+    with torch.device("meta"):
+        m = AutoModelForImageTextToText.from_config(build_config("qwen2_vl", "m", tokenizer))
+        big = AutoModelForImageTextToText.from_config(_common.shape_config("qwen2_5_vl_3b", tokenizer))
+    assert 95e6 < sum(p.numel() for p in m.parameters()) < 115e6
+    assert 3.70e9 < sum(p.numel() for p in big.parameters()) < 3.80e9
+    assert big.config.text_config.num_hidden_layers == 36 and big.config.vision_config.depth == 32
