@@ -15,6 +15,7 @@ import os
 import warnings
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -87,6 +88,10 @@ def main(args: list[str] | None = None) -> DipR1CLI | None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     warnings.filterwarnings("ignore", message=".*torchvision.*falling back.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Subnormal floats appear in small and randomly initialised models; x86 CPUs compute on them up to 10x
+    # slower (the quickstart's steps went from 1 s to 20 s). Flushing them to zero changes no result that
+    # matters and does nothing on GPUs.
+    torch.set_flush_denormal(True)
     cli = DipR1CLI(
         L.LightningModule,
         DetectionDataModule,
