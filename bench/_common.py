@@ -52,22 +52,10 @@ def flush_denormals() -> None:
 
 
 def release_load_memory(model) -> None:
-    """Drop what loading leaves behind, as a fix in ``load_policy`` would: copy every parameter and buffer that
-    is not 4-bit out of the checkpoint's memory map (one fp32 tensor viewing the file keeps the whole map,
-    pages read while quantising included, resident) and return freed heap pages to the system."""
-    import ctypes
-    import gc
+    """What ``load_policy`` does after a quantised CPU load, for the configurations where it does not."""
+    from dip_r1.models import release_checkpoint_memory
 
-    import torch
-
-    with torch.no_grad():
-        for module in model.modules():
-            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            for _, t in tensors:
-                if type(t).__name__ not in ("Params4bit", "Int8Params"):
-                    t.data = t.data.clone()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_checkpoint_memory(model)
 
 
 def _status_kb(field: str) -> int:
