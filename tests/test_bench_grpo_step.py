@@ -26,7 +26,12 @@ def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
     bench = _load_bench()
     sampler = dip_r1.module.sample_completions
     argv = ["--model", tiny_qwen2_vl, "--prompts", "2", "--group", "3", "--max-new-tokens", "4"]
-    bench.main([*argv, "--steps", "1", "--warmup", "0", "--fixed-length", "--image-size", "56"])
+    import torch
+
+    try:
+        bench.main([*argv, "--steps", "1", "--warmup", "0", "--fixed-length", "--image-size", "56"])
+    finally:  # the bench flushes subnormal floats process-wide; the rest of the suite must not inherit it
+        torch.set_flush_denormal(False)
     import json
 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # one JSON line
