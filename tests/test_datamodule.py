@@ -235,3 +235,28 @@ def test_real_tiny_qwen2_vl_processor(tmp_path):
     ids = batch["inputs"]["input_ids"]
     assert processor.tokenizer.padding_side == "left" and ids.shape[0] == 2
     assert processor.tokenizer.decode(ids[0]).rstrip().endswith("<|im_start|>assistant")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reader_skips_reach_the_datamodule_once(tmp_path, workers):
+    # A malformed annotation line is read by every worker, but counted once in the DataModule's skips.
+    import json
+    import warnings
+
+    from dip_r1.data.sources import JSONLines
+
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "boxes": [[1, 1, 20, 20]], "labels": ["person"]})
+    (tmp_path / "data.jsonl").write_text("\n".join([good, "{not json", good, good, good]) + "\n")
+    dm = _module(
+        [JSONLines(tmp_path / "data.jsonl")],
+        batch_size=2,
+        shuffle_buffer=0,
+        repeat_train=False,
+        num_workers=workers,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert sum(len(b["targets"]) for b in batches) == 4
+    assert dm.skipped == {"malformed_line": 1}

@@ -79,6 +79,8 @@ class TrackingCollate:
     def __call__(self, items: Sequence[dict[str, Any]]) -> TrackedBatch:
         shard, workers = items[0]["shard"]
         skipped = [item["skipped"] for item in items if "skipped" in item]
+        for item in items:  # annotation-level skips of the readers, reported by one shard
+            skipped += list(Counter(item.get("reader_skipped", {})).elements())
         return TrackedBatch(self.collate(items), self.stage, shard, workers, len(items), skipped)
 
 

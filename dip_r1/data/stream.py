@@ -262,8 +262,25 @@ class DetectionStream(IterableDataset):
         # batch came next in the round-robin: batches then arrive in the uninterrupted order.
         shard = (worker + batches) % workers
         mine = itertools.islice(self.ordered(), prefix + rank * workers + shard, None, world * workers)
+        # Every worker of every rank reads every annotation line, so the readers' own skip counts (malformed
+        # lines, empty boxes, unknown labels) would be counted world x workers times: one shard reports them.
+        report = rank == 0 and shard == 0
+        seen = [Counter(getattr(s, "skipped", None) or {}) for s in self.sources]
         for source, sample in itertools.islice(mine, consumed[shard], None):
-            yield self._item(source, sample, (shard, workers))
+            item = self._item(source, sample, (shard, workers))
+            if report:
+                item["reader_skipped"] = self._reader_skips(seen)
+            yield item
+
+    def _reader_skips(self, seen: list[Counter[str]]) -> Counter[str]:
+        """What the readers skipped since the last call (``seen`` is updated in place)."""
+        new: Counter[str] = Counter()
+        for i, source in enumerate(self.sources):
+            now = getattr(source, "skipped", None)
+            if now:
+                new += Counter(now) - seen[i]
+                seen[i] = Counter(now)
+        return new
 
     def _item(self, source: int, sample: DetectionSample, shard: tuple[int, int]) -> dict[str, Any]:
         """Decode, clip and build the prompt of one sample."""
