@@ -57,6 +57,11 @@ class GRPOModule(L.LightningModule):
         scale_rewards: advantages divided by the std of the ``"group"``, of the ``"batch"``, or ``"none"``.
         mask_truncated: leave completions that hit ``max_new_tokens`` out of the loss.
         micro_batch_size: completions per forward / backward pass (gradients are accumulated).
+        share_prompt_prefix: score a micro-batch of whole groups (``micro_batch_size`` a multiple of
+            ``group_size``, or within one group) by running each prompt once and sharing its KV cache across
+            the group's completions; same log-probs and gradients, less compute and memory (with LoRA
+            dropout the group's rows share one dropout draw on the prompt). Off, or under gradient
+            checkpointing, every completion runs its prompt again.
         max_grad_norm: clip the gradient norm to this; 0 disables clipping.
         on_nonfinite: ``"skip"`` an optimiser step whose loss or gradient is not finite, or ``"raise"``.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-5 by default).
@@ -85,6 +90,7 @@ class GRPOModule(L.LightningModule):
         scale_rewards: Literal["group", "batch", "none"] = "group",
         mask_truncated: bool = False,
         micro_batch_size: int = 8,
+        share_prompt_prefix: bool = True,
         max_grad_norm: float = 1.0,
         on_nonfinite: Literal["skip", "raise"] = "skip",
         optimizer: OptimizerCallable = _default_optimizer,
@@ -216,11 +222,7 @@ class GRPOModule(L.LightningModule):
 
         # 4. old log-probs only when a rollout is reused, reference log-probs only when beta > 0
         old_logp = (
-            all_logprobs(
-                self.policy, inputs, rollout, micro_batch_size=hp.micro_batch_size, temperature=hp.temperature
-            )
-            if hp.num_iterations > 1
-            else None
+            all_logprobs(self.policy, inputs, rollout, **self._scoring()) if hp.num_iterations > 1 else None
         )
         ref_logp = self._reference_logprobs(inputs, rollout) if hp.beta > 0 else None
 
@@ -240,6 +242,7 @@ class GRPOModule(L.LightningModule):
                     rollout.mask[mb],
                     temperature=hp.temperature,
                     image_features=rollout.image_features,  # the rollout's vision output: no second encoder run
+                    share_prefix=hp.share_prompt_prefix,
                 )  # [n_mb, T]
                 loss, stats = grpo.grpo_loss(
                     logp,
@@ -269,20 +272,20 @@ class GRPOModule(L.LightningModule):
         )
         return None
 
-    def _reference_logprobs(self, inputs, rollout) -> torch.Tensor:
+    def _scoring(self) -> dict:
+        """The keyword arguments of :func:`all_logprobs` (old and reference log-probs)."""
         hp = self.hparams
+        return {
+            "micro_batch_size": hp.micro_batch_size,
+            "temperature": hp.temperature,
+            "share_prefix": hp.share_prompt_prefix,
+        }
+
+    def _reference_logprobs(self, inputs, rollout) -> torch.Tensor:
         if self.ref_model is not None:
-            return all_logprobs(
-                self.ref_model,
-                inputs,
-                rollout,
-                micro_batch_size=hp.micro_batch_size,
-                temperature=hp.temperature,
-            )
+            return all_logprobs(self.ref_model, inputs, rollout, **self._scoring())
         with self.policy.disable_adapter():
-            return all_logprobs(
-                self.policy, inputs, rollout, micro_batch_size=hp.micro_batch_size, temperature=hp.temperature
-            )
+            return all_logprobs(self.policy, inputs, rollout, **self._scoring())
 
     def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
         hp = self.hparams

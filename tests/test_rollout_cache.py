@@ -37,11 +37,9 @@ def test_cached_image_features_score_like_the_images(tiny_qwen2_vl, tiny_qwen2_5
         fresh = all_logprobs(
             model, inputs, dataclasses.replace(rollout, image_features=None), micro_batch_size=4
         )
-        assert calls == [
-            2,
-            4,
-            2,
-        ]  # without the cache: each micro-batch (4 + 2 completions) encodes its images
+        # without the cache each micro-batch encodes its images: the first (rows of prompts 0, 0, 0, 1) once
+        # per completion, the second (one prompt's last 2 rows, prefix-shared) once for its one prompt
+        assert calls == [2, 4, 1]
         torch.testing.assert_close(cached, fresh)
 
 
