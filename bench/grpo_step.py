@@ -91,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.0, help="KL weight; 0: no reference pass")
     p.add_argument("--image-size", type=int, default=448, help="side of the square synthetic images")
     p.add_argument("--micro-batch-size", type=int, default=8, help="completions per scoring forward")
+    p.add_argument(
+        "--no-share-prompt-prefix",
+        action="store_true",
+        help="score every completion with its own prompt forward (GRPOModule share_prompt_prefix=False)",
+    )
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(
@@ -132,6 +137,7 @@ def build_module(args):
         min_new_tokens=args.max_new_tokens if args.fixed_length else 0,
         beta=args.beta,
         micro_batch_size=args.micro_batch_size,
+        share_prompt_prefix=not args.no_share_prompt_prefix,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )
 
