@@ -122,7 +122,9 @@ class TinySFT:
         with torch.random.fork_rng():
             L.seed_everything(self.seed, verbose=False)
             module = SFTModule(PolicySpec(str(tmp)), optimizer=lambda p: torch.optim.AdamW(p, lr=self.lr))
-            data = DetectionDataModule(train=[self.data], batch_size=self.batch_size, seed=self.seed)
+            data = DetectionDataModule(
+                train=[self.data], batch_size=self.batch_size, seed=self.seed, num_workers=1
+            )
             data.connect(module.processor, **module.data_spec())
             trainer = L.Trainer(
                 max_steps=self.steps,
