@@ -94,6 +94,14 @@ def parse_numbers(fields: Sequence[str]) -> list[float]:
         raise BadInput("malformed_line", f"expected numbers, got {' '.join(fields)!r}") from None
 
 
+def parse_groups(fields: Sequence[str], size: int, layout: str) -> list[list[float]]:
+    """Fields as consecutive groups of ``size`` numbers (e.g. ``label x y w h``), or :class:`BadInput`."""
+    if len(fields) % size:
+        raise BadInput("malformed_line", f"{len(fields)} numbers is not a multiple of {size} ({layout})")
+    values = parse_numbers(fields)
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
 class SourceMixin:
     """Shared state and bad-input policy of a reader (a mixin, not a base to subclass deeply).
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dip_r1.data.sample import DetectionSample
-from dip_r1.data.sources.base import BadInput, SourceMixin, parse_box, parse_numbers, read_lines, where
+from dip_r1.data.sources.base import BadInput, SourceMixin, parse_box, parse_groups, read_lines, where
 
 LABELS = {1: "pedestrian", 2: "cyclist"}
 """WIDER Pedestrian label id -> category name."""
@@ -51,12 +51,7 @@ class WiderPedestrian(SourceMixin):
             location = where(self.ignore_file, number)
             image, *fields = line.split()
             try:
-                if len(fields) % 4:
-                    raise BadInput(
-                        "malformed_line", f"{len(fields)} numbers is not a multiple of 4 (x y w h)"
-                    )
-                values = parse_numbers(fields)
-                boxes = [parse_box(values[i : i + 4]) for i in range(0, len(values), 4)]
+                boxes = [parse_box(group) for group in parse_groups(fields, 4, "x y w h")]
             except BadInput as error:
                 self._skip_bad(error, location)
                 continue
@@ -69,24 +64,20 @@ class WiderPedestrian(SourceMixin):
             location = where(self.annotation_file, number)
             image, *fields = line.split()
             try:
-                if len(fields) % 5:
-                    raise BadInput(
-                        "malformed_line", f"{len(fields)} numbers is not a multiple of 5 (label x y w h)"
-                    )
-                values = parse_numbers(fields)
+                groups = parse_groups(fields, 5, "label x y w h")
             except BadInput as error:
                 self._skip_bad(error, location)
                 continue
             boxes, labels = [], []
-            for i in range(0, len(values), 5):
+            for label, *box in groups:
                 try:
-                    if values[i] not in LABELS:
-                        raise BadInput("unknown_label", f"unknown label id {values[i]:g}")
-                    boxes.append(parse_box(values[i + 1 : i + 5]))
+                    if label not in LABELS:
+                        raise BadInput("unknown_label", f"unknown label id {label:g}")
+                    boxes.append(parse_box(box))
                 except BadInput as error:
                     self._skip_bad(error, location)
                     continue
-                labels.append(LABELS[int(values[i])])
+                labels.append(LABELS[int(label)])
             boxes_t, labels = self._targets(boxes, labels, location, xywh=True)
             regions = ignore.get(image, [])
             regions_t = self._regions([box for box, _ in regions], [at for _, at in regions], xywh=True)
