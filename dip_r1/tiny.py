@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints for tests, benchmarks and the quickstart.
+"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints for tests, benchmarks and the quickstart.
 
 Nothing is downloaded: the configs are written here, the tokenizer is a byte-level BPE trained in a second on
 texts of the Think-Look-Answer format, and the processor is Qwen's own with small pixel limits.
@@ -48,6 +48,13 @@ SIZES = {
 # Pixel limits of the tiny processors: images of at most 8 x 8 merged patches (64 image tokens).
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 64
+# family: (processor class, vision patch size)
+FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PROCESSORS = {
+    "qwen2_vl": ("Qwen2VLProcessor", 14),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", 14),
+    "qwen3_vl": ("Qwen3VLProcessor", 16),
+}
 
 
 def _corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -106,7 +113,7 @@ def build_tokenizer(vocab_size: int = 1024):
 
 def build_config(family: str, size: str, tokenizer):
     """A transformers config of the family's architecture at a tiny size."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     s = SIZES[size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -151,7 +158,23 @@ def build_config(family: str, size: str, tokenizer):
             fullatt_block_indexes=[s["vision_depth"] - 1],
         )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-    raise ValueError(f"unknown family {family!r}: expected qwen2_vl or qwen2_5_vl")
+    if family == "qwen3_vl":
+        # Qwen3-VL-2B-Instruct's layout at a tiny size: patch 16, interleaved mrope, learned absolute position
+        # embeddings in the vision tower and deepstack features from an early vision block.
+        text.update(head_dim=head_dim, tie_word_embeddings=True)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        vision = dict(
+            depth=s["vision_depth"],
+            hidden_size=s["vision"],
+            intermediate_size=2 * s["vision"],
+            out_hidden_size=s["hidden"],
+            num_heads=2,
+            patch_size=16,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        )
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+    raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
 
 
 def save_tiny(out: str | Path, family: str = "qwen2_vl", size: str = "xs", seed: int = 0) -> Path:
@@ -171,10 +194,13 @@ def save_tiny(out: str | Path, family: str = "qwen2_vl", size: str = "xs", seed:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(out)
+    processor_class, patch = PROCESSORS[family]
+    unit = (2 * patch) ** 2  # pixels of one merged 2 x 2 patch
+    Qwen2VLImageProcessorPil(
+        patch_size=patch, min_pixels=unit * MIN_PIXELS // 28**2, max_pixels=unit * MAX_PIXELS // 28**2
+    ).save_pretrained(out)
     # The processor's own files, written by hand: the processor class cannot be built without torchvision's
     # video processor here, and dip_r1.models.load_processor reassembles it from these parts.
-    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
     (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
@@ -185,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
-    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--family", default="qwen2_vl", choices=FAMILY_NAMES)
     parser.add_argument(
         "--size", default="xs", choices=sorted(SIZES), help="xs: under 2 M parameters; s: ~5 M; m: ~100 M"
     )
