@@ -10,7 +10,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -248,6 +248,17 @@ def load_policy(
             if any(part in name.split(".") for part in spec.vision_prefixes):
                 p.requires_grad_(False)
     return model, processor
+
+
+@runtime_checkable
+class CheckpointBuilder(Protocol):
+    """Anything that writes a transformers checkpoint to a folder: the ``warm_start`` of ``GRPOModule`` and
+    ``SFTModule``, run when ``policy.path`` holds no checkpoint yet (e.g. ``dip_r1.pretrain.TinyPretrain``,
+    ``dip_r1.quickstart.TinySFT``). Named in YAML by ``class_path``."""
+
+    def build(self, path: str | Path) -> Path:
+        """Write the checkpoint to ``path`` and return it."""
+        ...
 
 
 @dataclass

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from dip_r1 import evaluation, grpo
 from dip_r1.callbacks import RolloutRecord
 from dip_r1.models import (
+    CheckpointBuilder,
     PolicySpec,
     check_model_path,
     checkpoint_state,
@@ -27,7 +28,6 @@ from dip_r1.models import (
     is_peft,
     load_processor,
 )
-from dip_r1.quickstart import TinySFT
 from dip_r1.rewards import RewardSuite, parse_completion
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
 
@@ -41,7 +41,8 @@ class GRPOModule(L.LightningModule):
 
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
-        warm_start: builds the checkpoint at ``policy.path`` when it is missing (the quickstart's tiny SFT model).
+        warm_start: builds the checkpoint at ``policy.path`` when it is missing: any ``CheckpointBuilder``
+            (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``).
         rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
         group_size: completions sampled per prompt (G).
         max_new_tokens: most tokens of a completion; longer ones are truncated.
@@ -75,7 +76,7 @@ class GRPOModule(L.LightningModule):
     def __init__(
         self,
         policy: PolicySpec,
-        warm_start: TinySFT | None = None,
+        warm_start: CheckpointBuilder | None = None,
         rewards: RewardSuite | None = None,
         group_size: int = 8,
         max_new_tokens: int = 256,

@@ -15,8 +15,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dip_r1.boxes import box_area, box_iou
 from dip_r1.grpo import masked_mean
-from dip_r1.models import PolicySpec, check_model_path, checkpoint_state, has_checkpoint, load_processor
-from dip_r1.quickstart import TinySFT
+from dip_r1.models import (
+    CheckpointBuilder,
+    PolicySpec,
+    check_model_path,
+    checkpoint_state,
+    has_checkpoint,
+    load_processor,
+)
 from dip_r1.rollout import completion_logprobs
 
 
@@ -67,14 +73,14 @@ class SFTModule(L.LightningModule):
     def __init__(
         self,
         policy: PolicySpec,
-        warm_start: TinySFT | None = None,
+        warm_start: CheckpointBuilder | None = None,
         max_look: int = 2,
         max_target_tokens: int = 512,
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        # Plain attributes, not hparams: TinySFT builds this module inside the CLI's own instantiation, where
+        # Plain attributes, not hparams: a warm start (TinySFT) builds this module inside the CLI's own instantiation, where
         # save_hyperparameters would record the outer module's arguments.
         self.max_look = max_look
         self.max_target_tokens = max_target_tokens
