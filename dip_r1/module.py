@@ -312,10 +312,14 @@ class GRPOModule(L.LightningModule):
             key = "train/reward" if name == "total" else f"train/reward_{name}"
             log[key] = values.float().mean().item()
             log[f"{key}/std"] = values.float().std(unbiased=False).item()
+            # The fraction of groups whose G values of this reward are all equal: such a reward gives no signal.
+            suffix = "" if name == "total" else f"_{name}"
+            log[f"train/zero_std_ratio{suffix}"] = (
+                grpo.zero_std_mask(values, group_size).float().mean().item()
+            )
         lengths = rollout.lengths.float()
         log["train/completion_length"] = lengths.mean().item()
         log["train/truncated_ratio"] = rollout.truncated.float().mean().item()
-        log["train/zero_std_ratio"] = grpo.zero_std_mask(scores["total"], group_size).float().mean().item()
         log["train/tokens_per_s"] = lengths.sum().item() / max(elapsed, 1e-9)
         log["train/step_s"] = elapsed
         log["train/skipped_steps"] = float(self.skipped_steps)

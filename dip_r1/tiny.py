@@ -41,6 +41,7 @@ CHAT_TEMPLATE = (
 # (text hidden, text layers, heads, kv heads, text mlp, vision width, vision depth, vocab)
 SIZES = {
     "xs": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=192, vision=32, vision_depth=1, vocab=1024),
+    "t": dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=384, vision=96, vision_depth=2, vocab=1024),
     "s": dict(hidden=256, layers=5, heads=4, kv_heads=2, mlp=768, vision=64, vision_depth=2, vocab=2048),
     # ~100 M parameters, nearly all in the language model's linear layers: the memory benchmark's QLoRA subject
     "m": dict(hidden=768, layers=12, heads=12, kv_heads=4, mlp=3072, vision=128, vision_depth=2, vocab=2048),

@@ -83,6 +83,7 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
         "train/completion_length",
         "train/truncated_ratio",
         "train/zero_std_ratio",
+        "train/zero_std_ratio_digits",
         "train/tokens_per_s",
         "train/step_s",
         "train/skipped_steps",
