@@ -1,19 +1,20 @@
 """Pretrain a tiny vision-language policy that sees: random weights -> SFT curriculum on synthetic crowds.
 
-A tiny VLM trained naively from random weights learns the language of the answer and ignores its image
-(every held-out image gets the same answer). What made this one see, measured in BENCHMARKS.md:
+    python -m dip_r1.pretrain --out data/tiny-qwen3_vl-seeing
 
-- a family whose vision tower has absolute position embeddings (Qwen3-VL): Qwen2-VL's tower has only
-  rotary positions inside attention, so its features do not say *where* a patch is, and a few-million
-  parameter model never learnt to read positions from them;
-- the vision tower trains (``freeze_vision`` is for pretrained checkpoints only);
-- a short system prompt (the tokens the model reads every step are mostly image and answer);
-- a curriculum: one figure, then a few, then crowds, each stage its own generated set.
+builds, from random weights, a tiny Qwen3-VL whose greedy answers depend on its image, and writes beside the
+weights ``scores.json`` (held-out F1@0.5 with 1-3 people and with 6-10 people, at 160x120) and a README with
+the command, the seed and the sha256 of the weights. What it takes, each measured in BENCHMARKS.md:
 
-    python -m dip_r1.pretrain --out data/tiny-qwen3_vl-seeing --seed 0
+- a family whose vision tower has absolute position embeddings (Qwen3-VL), set to 2-D sines at the start,
+  and a dense grounding loss on the vision tower (:mod:`dip_r1.grounding`): trained on answers alone, the
+  tiny model wrote the same answer for every image;
+- the vision tower trains (``freeze_vision`` is for pretrained checkpoints only), first alone on the
+  grounding loss (``vision_warmup``), then with the language model;
+- a short system prompt (``TINY_SYSTEM_PROMPT``; recipes that start from these bases set it too);
+- a curriculum: one figure, then one to three, then one to eight, each stage its own generated set.
 
-writes the checkpoint, ``scores.json`` (held-out F1@0.5 with 1-3 and with 6 or more people) and a README
-with the command, the seed and the sha256 of the weights.
+:class:`TinyPretrain` is the same as a ``warm_start`` (:class:`~dip_r1.models.CheckpointBuilder`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,10 +40,10 @@ TINY_SYSTEM_PROMPT = "Answer with <think>, <look> and <answer> blocks."
 
 @dataclass
 class Stage:
-    """One stage of the curriculum: a synthetic set and a number of optimiser steps on it."""
+    """One stage of the curriculum: a generated synthetic set and a number of optimiser steps on it."""
 
     steps: int
-    """Optimiser steps."""
+    """Optimiser steps (0 for a held-out set)."""
     min_people: int
     """Fewest figures per image."""
     max_people: int
@@ -53,35 +56,40 @@ class Stage:
     """Image height."""
 
 
-DEFAULT_CURRICULUM = [Stage(300, 1, 1), Stage(600, 1, 3), Stage(600, 1, 8)]
+def default_curriculum() -> list[Stage]:
+    """One figure, then one to three, then one to eight: 3,600 steps at 160x120."""
+    return [Stage(600, 1, 1, 3000), Stage(1500, 1, 3, 4000), Stage(1500, 1, 8, 4000)]
 
 
-def _sets_root(cache: Path, tag: str, stage: Stage, seed: int) -> Path:
-    return (
-        cache / f"{tag}-{stage.min_people}-{stage.max_people}-{stage.width}x{stage.height}-n{stage.n}-s{seed}"
-    )
+def held_out_sets(n: int = 64) -> dict[str, Stage]:
+    """The held-out sets the scores are reported on (seeds 1000 and 1001, never trained on)."""
+    return {"few": Stage(0, 1, 3, n), "crowd": Stage(0, 6, 10, n)}
 
 
-def _source(cache: Path, tag: str, stage: Stage, seed: int, name: str):
+def _source(cache: Path, tag: str, stage: Stage, seed: int):
     from dip_r1.quickstart import SyntheticCrowd
 
+    root = (
+        cache / f"{tag}-{stage.min_people}-{stage.max_people}-{stage.width}x{stage.height}-n{stage.n}-s{seed}"
+    )
     return SyntheticCrowd(
-        root=str(_sets_root(cache, tag, stage, seed)),
+        root=str(root),
         n=stage.n,
         seed=seed,
         width=stage.width,
         height=stage.height,
         min_people=stage.min_people,
         max_people=stage.max_people,
-        name=name,
+        name=tag,
     )
 
 
-def _loader(processor, coordinates: str, sources: list, batch_size: int, seed: int, train: bool):
+def batches(processor, coordinates: str, source, batch_size: int, seed: int, train: bool) -> Iterator[dict]:
+    """Batches of a source through the DetectionDataModule (images decoded in a worker), tiny prompt."""
     from dip_r1.data import DetectionDataModule
 
     data = DetectionDataModule(
-        **({"train": sources} if train else {"val": sources}),
+        **({"train": [source]} if train else {"val": [source]}),
         prompt_builder=DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT),
         batch_size=batch_size,
         num_workers=1,
@@ -90,37 +98,33 @@ def _loader(processor, coordinates: str, sources: list, batch_size: int, seed: i
     )
     data.connect(processor, coordinates=coordinates)
     loader = data.train_dataloader() if train else data.val_dataloader()
-    return (data.on_before_batch_transfer(b, 0) for b in loader)
+    return (b for b in (data.on_before_batch_transfer(b, 0) for b in loader) if b is not None)
 
 
 @torch.no_grad()
 def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, float]:
-    """Greedy answers on a held-out loader: precision, recall, F1@0.5, format-valid rate, distinct answers."""
+    """Greedy answers: precision, recall, F1 at IoU 0.5, format-valid rate and the fraction of distinct
+    answers (1.0: every image got its own answer; a policy that ignores its image scores about 0)."""
     from dip_r1.metrics import DetectionMetrics
     from dip_r1.rewards import parse_completion
     from dip_r1.rollout import sample_completions
 
+    was_training = model.training
     model.eval()
-    metric = DetectionMetrics()
-    texts, valid = [], []
-    eos = processor.tokenizer.eos_token_id
-    pad = processor.tokenizer.pad_token_id
+    metric, texts, valid = DetectionMetrics(), [], []
+    tokenizer = processor.tokenizer
     for batch in loader:
-        if batch is None:
-            continue
         rollout = sample_completions(
             model,
             batch["inputs"],
             group_size=1,
             max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             do_sample=False,
         )
-        for text, target in zip(
-            processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True),
-            batch["targets"],
-        ):
+        decoded = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        for text, target in zip(decoded, batch["targets"]):
             parsed = parse_completion(text)
             boxes = parsed.answer if parsed.answer is not None else torch.zeros(0, 4)
             metric.update([{"boxes": boxes}], [{"boxes": target["boxes"], "ignore": target["ignore"]}])
@@ -129,110 +133,137 @@ def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, f
     out = {k: float(v) for k, v in metric.compute().items() if k in ("precision", "recall", "f1")}
     out["format_valid"] = sum(valid) / max(len(valid), 1)
     out["distinct_answers"] = len(set(texts)) / max(len(texts), 1)
-    model.train()
+    model.train(was_training)
     return out
 
 
-def _param_groups(model, lr: float, vision_lr: float, weight_decay: float) -> list[dict]:
-    vision, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (vision if ".visual." in f".{name}." else rest).append(p)
-    return [
-        {"params": rest, "lr": lr, "weight_decay": weight_decay},
-        {"params": vision, "lr": vision_lr, "weight_decay": weight_decay},
-    ]
+@dataclass
+class TinyPretrain:
+    """Build a tiny seeing policy at a path (a ``warm_start``): random weights, grounding warm-up, SFT
+    curriculum on synthetic crowds. Its defaults are the committed base's (``data/tiny-qwen3_vl-seeing``)."""
+
+    family: str = "qwen3_vl"
+    """Model family (``dip_r1.tiny``); only families with a vision position table learn to see here."""
+    size: str = "t"
+    """Tiny size (``dip_r1.tiny.SIZES``)."""
+    seed: int = 0
+    """Seed of the weights, of the generated training sets and of the data order."""
+    stages: list[Stage] = field(default_factory=default_curriculum)
+    """The curriculum, in order."""
+    batch_size: int = 16
+    """Images per optimiser step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate of the language model (linear warm-up, cosine decay to 2%)."""
+    vision_lr: float = 2e-3
+    """Peak learning rate of the vision tower and the grounding head."""
+    warmup: int = 50
+    """Steps of linear learning-rate warm-up."""
+    vision_warmup: int = 300
+    """Steps of the vision tower alone on the grounding loss before the curriculum."""
+    grounding_weight: float = 1.0
+    """Weight of the grounding loss beside the answer's cross-entropy during the curriculum."""
+    cache: str = "data/pretrain-sets"
+    """Folder of the generated training and held-out sets."""
+    eval_every: int = 0
+    """Also evaluate on the held-out sets every this many steps (0: only at the end)."""
+    eval_images: int = 64
+    """Images in each held-out set."""
+
+    def build(self, path: str | Path) -> Path:
+        """Write the checkpoint, ``scores.json`` and ``README.md`` to ``path``; return it."""
+        pretrain(path, self)
+        return Path(path)
 
 
-def pretrain(
-    out: str | Path,
-    *,
-    family: str = "qwen3_vl",
-    size: str = "s",
-    seed: int = 0,
-    curriculum: list[Stage] | None = None,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    vision_lr: float = 2e-3,
-    warmup: int = 50,
-    weight_decay: float = 0.0,
-    cache: str | Path = "data/pretrain-sets",
-    eval_images: int = 64,
-    eval_every: int = 0,
-    log=print,
-) -> dict:
-    """Build a tiny checkpoint at ``out`` from random weights and SFT it through ``curriculum``.
+def _lr_scale(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay, floored at 2% of the peak."""
+    return max(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total)), 0.02)
 
-    Returns the held-out scores (also written to ``out/scores.json``).
-    """
-    from dip_r1.models import load_policy
+
+def pretrain(out: str | Path, config: TinyPretrain | None = None, log: Callable[[str], None] = print) -> dict:
+    """Build the checkpoint at ``out`` (atomically) and return its record (also ``out/scores.json``)."""
+    from dip_r1.grounding import GroundingHead, grounding_loss, sinusoidal_positions, vision_tower
+    from dip_r1.grpo import masked_mean
+    from dip_r1.models import PolicySpec, load_policy
+    from dip_r1.rollout import completion_logprobs
     from dip_r1.sft import SFTModule
     from dip_r1.tiny import save_tiny
 
-    curriculum = curriculum or DEFAULT_CURRICULUM
-    out, cache = Path(out), Path(cache)
+    c = config or TinyPretrain()
+    out, cache = Path(out), Path(c.cache)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_tiny(tmp, family, size, seed)
-    torch.manual_seed(seed)
+    save_tiny(tmp, c.family, c.size, c.seed)
+    torch.manual_seed(c.seed)
     model, processor = load_policy(tmp, freeze_vision=False)
     model.train()
-    from dip_r1.models import PolicySpec
-
     coordinates = PolicySpec(str(tmp)).data_spec(processor)["coordinates"]
-    targets_of = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids, nothing else
-    from dip_r1.grpo import masked_mean
-    from dip_r1.rollout import completion_logprobs
+    sft = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids only
+    if not sinusoidal_positions(model):
+        log(f"dip_r1.pretrain: {c.family} has no vision position table; it may not learn to see")
+    head = GroundingHead(model.config.get_text_config().hidden_size)  # trained here, never saved
+    vision = {id(p) for p in vision_tower(model).parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if id(p) not in vision], "lr": c.lr},
+            {"params": [p for p in params if id(p) in vision] + list(head.parameters()), "lr": c.vision_lr},
+        ],
+        betas=(0.9, 0.98),
+        weight_decay=0.0,
+    )
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    start, history = time.perf_counter(), []
 
-    optimizer = torch.optim.AdamW(_param_groups(model, lr, vision_lr, weight_decay), betas=(0.9, 0.98))
-    total = sum(s.steps for s in curriculum)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    def held_out() -> dict:
+        return {
+            name: evaluate(
+                model,
+                processor,
+                batches(processor, coordinates, _source(cache, "eval", s, 1000 + i), 16, 0, False),
+            )
+            for i, (name, s) in enumerate(held_out_sets(c.eval_images).items())
+        }
 
-    def held_out(stage: Stage, k: int):
-        return _loader(
-            processor,
-            coordinates,
-            [
-                _source(
-                    cache,
-                    "eval",
-                    Stage(0, stage.min_people, stage.max_people, eval_images, stage.width, stage.height),
-                    1000 + k,
-                    "eval",
-                )
-            ],
-            batch_size=16,
-            seed=0,
-            train=False,
+    def elapsed() -> float:
+        return round(time.perf_counter() - start, 1)
+
+    if c.vision_warmup:
+        # The vision tower and the head alone first: the language model then starts from features that
+        # already say where the figures are.
+        warm = torch.optim.AdamW(
+            [p for p in params if id(p) in vision] + list(head.parameters()), lr=c.vision_lr
         )
-
-    evals = {
-        "few": Stage(0, 1, 3, eval_images),
-        "crowd": Stage(0, 6, 10, eval_images),
-    }
-    step, start, history = 0, time.perf_counter(), []
-    for index, stage in enumerate(curriculum):
-        loader = _loader(
-            processor,
-            coordinates,
-            [_source(cache, "train", stage, seed * 100 + index, "train")],
-            batch_size,
-            seed,
-            True,
-        )
-        for batch in loader:
-            if step >= sum(s.steps for s in curriculum[: index + 1]):
-                break
-            if batch is None:
-                continue
-            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * max(scale, 0.02)
-            ids, mask = targets_of.target_ids(batch["targets"])
-            logp = completion_logprobs(model, batch["inputs"], torch.arange(len(ids)), ids, mask)
-            loss = -masked_mean(logp, mask)
-            optimizer.zero_grad(set_to_none=True)
+        source = _source(cache, "train", c.stages[0], c.seed * 100)
+        for i, batch in zip(
+            range(c.vision_warmup), batches(processor, coordinates, source, c.batch_size, c.seed, True)
+        ):
+            loss = grounding_loss(model, head, batch["inputs"], batch["targets"])
+            warm.zero_grad(set_to_none=True)
             loss.backward()
+            warm.step()
+            if (i + 1) % 50 == 0:
+                log(json.dumps({"vision_warmup": i + 1, "grounding": round(loss.item(), 4), "s": elapsed()}))
+
+    step, total = 0, sum(s.steps for s in c.stages)
+    for index, stage in enumerate(c.stages):
+        source = _source(cache, "train", stage, c.seed * 100 + index)
+        for batch in zip(
+            range(stage.steps), batches(processor, coordinates, source, c.batch_size, c.seed, True)
+        ):
+            batch = batch[1]
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["lr"] = peak * _lr_scale(step, total, c.warmup)
+            ids, mask = sft.target_ids(batch["targets"])  # [B, T]
+            logp = completion_logprobs(model, batch["inputs"], torch.arange(len(ids)), ids, mask)  # [B, T]
+            answer = -masked_mean(logp, mask)
+            grounding = (
+                grounding_loss(model, head, batch["inputs"], batch["targets"])
+                if c.grounding_weight
+                else 0 * answer
+            )
+            optimizer.zero_grad(set_to_none=True)
+            (answer + c.grounding_weight * grounding).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
@@ -242,33 +273,36 @@ def pretrain(
                         {
                             "step": step,
                             "stage": index,
-                            "loss": round(loss.item(), 4),
-                            "s": round(time.perf_counter() - start, 1),
+                            "loss": round(answer.item(), 4),
+                            "grounding": round(grounding.item(), 4),
+                            "s": elapsed(),
                         }
                     )
                 )
-            if eval_every and step % eval_every == 0:
-                scores = {
-                    k: evaluate(model, processor, held_out(s, i)) for i, (k, s) in enumerate(evals.items())
-                }
-                history.append({"step": step, **scores})
+            if c.eval_every and step % c.eval_every == 0:
+                history.append({"step": step, **held_out()})
                 log(json.dumps(history[-1]))
-    scores = {k: evaluate(model, processor, held_out(s, i)) for i, (k, s) in enumerate(evals.items())}
+
+    scores = held_out()
     model.save_pretrained(tmp)
-    result = {
+    record = {
         "scores": scores,
         "steps": step,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": elapsed(),
+        "sha256": sha256(tmp / "model.safetensors"),
+        "config": asdict(c),
+        "held_out": {k: asdict(s) for k, s in held_out_sets(c.eval_images).items()},
         "history": history,
     }
-    (tmp / "scores.json").write_text(json.dumps(result, indent=2))
+    (tmp / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log(json.dumps({"scores": scores, "seconds": result["seconds"]}))
-    return result
+    log(json.dumps({"scores": scores, "seconds": record["seconds"], "sha256": record["sha256"]}))
+    return record
 
 
 def sha256(path: str | Path) -> str:
+    """The hex sha256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -276,40 +310,69 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _stages(text: str) -> list[Stage]:
+    return [Stage(*[int(v) for v in part.split(":")]) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
+    d = TinyPretrain()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--family", default="qwen3_vl")
-    parser.add_argument("--size", default="s")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    parser.add_argument("--family", default=d.family)
+    parser.add_argument("--size", default=d.size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--stages", type=_stages, default=None, help="steps:min:max[:n[:width:height]],...")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--vision-lr", type=float, default=d.vision_lr)
+    parser.add_argument("--vision-warmup", type=int, default=d.vision_warmup)
+    parser.add_argument("--grounding-weight", type=float, default=d.grounding_weight)
+    parser.add_argument("--cache", default=d.cache)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument(
-        "--stages", default=None, help="steps:min:max[:n[:w:h]],... (default: the built-in curriculum)"
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)"
     )
-    parser.add_argument("--eval-every", type=int, default=0)
-    parser.add_argument("--eval-images", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    curriculum = None
-    if args.stages:
-        curriculum = [Stage(*[int(v) for v in s.split(":")]) for s in args.stages.split(",")]
-    pretrain(
-        args.out,
+    torch.set_num_threads(args.threads)
+    config = TinyPretrain(
         family=args.family,
         size=args.size,
         seed=args.seed,
-        curriculum=curriculum,
+        stages=args.stages or default_curriculum(),
         batch_size=args.batch_size,
         lr=args.lr,
         vision_lr=args.vision_lr,
+        vision_warmup=args.vision_warmup,
+        grounding_weight=args.grounding_weight,
+        cache=args.cache,
         eval_every=args.eval_every,
-        eval_images=args.eval_images,
+    )
+    record = pretrain(args.out, config)
+    write_readme(
+        Path(args.out),
+        record,
+        "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+
+
+def write_readme(folder: Path, record: dict, command: str) -> None:
+    """The README beside a built base: how it was made and what it scores."""
+    rows = "\n".join(
+        f"| {name} ({s['min_people']}-{s['max_people']} people, {s['width']}x{s['height']}, {s['n']} images) | "
+        f"{record['scores'][name]['precision']:.3f} | {record['scores'][name]['recall']:.3f} | "
+        f"{record['scores'][name]['f1']:.3f} | {record['scores'][name]['format_valid']:.3f} | "
+        f"{record['scores'][name]['distinct_answers']:.3f} |"
+        for name, s in record["held_out"].items()
+    )
+    (folder / "README.md").write_text(
+        f"# {folder.name}\n\nA tiny {record['config']['family']} ({record['config']['size']}) built from random "
+        f"weights by `dip_r1.pretrain` in {record['steps']} steps ({record['seconds'] / 60:.0f} min).\n\n"
+        f"```bash\n{command}\n```\n\nseed {record['config']['seed']}; `model.safetensors` sha256 "
+        f"`{record['sha256']}`.\n\nHeld-out greedy answers (IoU 0.5):\n\n"
+        "| set | precision | recall | F1 | format valid | distinct answers |\n|---|---|---|---|---|---|\n"
+        f"{rows}\n\nIts prompts use the system prompt `dip_r1.pretrain.TINY_SYSTEM_PROMPT`.\n"
     )
 
 

@@ -1,0 +1,86 @@
+"""The seeing base's recipe: grounding targets and losses by hand, a short pretrain end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dip_r1.grounding import GroundingHead, cell_targets, grounding_loss, sinusoidal_positions
+from dip_r1.models import load_policy
+from dip_r1.pretrain import Stage, TinyPretrain, pretrain, write_readme
+
+
+def test_cell_targets_assign_each_box_to_the_cell_of_its_centre():
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 100, 100], [0, 0, 400, 400], [700, 100, 900, 300]]),
+        "image_size": (1000, 1000),
+    }
+    positive, box = cell_targets(target, (2, 3))  # cells 333 wide, 500 high
+    # centres (50, 50) and (200, 200) share cell 0: the larger box wins; (800, 200) is in cell 2
+    assert positive.tolist() == [1, 0, 1, 0, 0, 0]
+    assert box[0].tolist() == [0.0, 0.0, 0.4000000059604645, 0.4000000059604645]
+    torch.testing.assert_close(box[2], torch.tensor([0.7, 0.1, 0.9, 0.3]))
+    empty, _ = cell_targets({"boxes": torch.zeros(0, 4), "image_size": (1000, 1000)}, (2, 2))
+    assert empty.sum() == 0
+
+
+def test_sinusoidal_positions_make_rows_and_columns_linear_readable(tmp_path):
+    from dip_r1.tiny import save_tiny
+
+    model, _ = load_policy(save_tiny(tmp_path / "q3", "qwen3_vl", "xs"), freeze_vision=False)
+    assert sinusoidal_positions(model)
+    table = model.model.visual.pos_embed.weight.detach().double()  # [g*g, dim]
+    g = int(table.shape[0] ** 0.5)
+    rows = torch.arange(g).repeat_interleave(g).double()  # raster order: row-major
+    # least squares on the table recovers the row index to within a cell: position is in the features
+    design = torch.cat([table, torch.ones(g * g, 1, dtype=torch.float64)], 1)
+    fit = design @ (torch.linalg.pinv(design) @ rows)
+    assert (fit - rows).abs().max() < 0.5
+    qwen2, _ = load_policy(save_tiny(tmp_path / "q2", "qwen2_vl", "xs"))
+    assert not sinusoidal_positions(qwen2)  # no table to fill
+
+
+def test_grounding_loss_trains_the_vision_tower_only(tmp_path):
+    import sys
+
+    sys.path.insert(0, "tests")
+    from helpers import prompt_batch
+
+    from dip_r1.tiny import save_tiny
+
+    model, processor = load_policy(save_tiny(tmp_path / "q3", "qwen3_vl", "xs"), freeze_vision=False)
+    inputs = prompt_batch(processor, sizes=((64, 64), (96, 64)))
+    targets = [
+        {"boxes": torch.tensor([[0.0, 0, 500, 500]]), "image_size": (1000, 1000)},
+        {"boxes": torch.zeros(0, 4), "image_size": (1000, 1000)},
+    ]
+    head = GroundingHead(model.config.get_text_config().hidden_size)
+    loss = grounding_loss(model, head, inputs, targets)
+    loss.backward()
+    grads = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()}
+    assert any(v for n, v in grads.items() if ".visual." in n)
+    assert not any(v for n, v in grads.items() if ".visual." not in n)
+
+
+def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
+    torch.set_num_threads(1)
+    config = TinyPretrain(
+        size="xs",
+        stages=[Stage(3, 1, 1, 8, 64, 64)],
+        batch_size=2,
+        vision_warmup=2,
+        cache=str(tmp_path / "sets"),
+        eval_images=2,
+    )
+    out = tmp_path / "base"
+    record = config.build(out)
+    assert record == out
+    written = json.loads((out / "scores.json").read_text())
+    assert written["steps"] == 3 and set(written["scores"]) == {"few", "crowd"}
+    assert 0.0 <= written["scores"]["few"]["f1"] <= 1.0
+    write_readme(out, written, "python -m dip_r1.pretrain --out base")
+    assert written["sha256"] in (out / "README.md").read_text()
+    model, _ = load_policy(out)
+    assert model.config.model_type == "qwen3_vl"
+    assert pretrain.__doc__
