@@ -162,6 +162,8 @@ class TinyPretrain:
     """Steps of the vision tower alone on the grounding loss before the curriculum."""
     grounding_weight: float = 1.0
     """Weight of the grounding loss beside the answer's cross-entropy during the curriculum."""
+    sinusoidal: bool = True
+    """Start the vision position table as 2-D sines (False: transformers' random initialisation)."""
     cache: str = "data/pretrain-sets"
     """Folder of the generated training and held-out sets."""
     eval_every: int = 0
@@ -199,7 +201,7 @@ def pretrain(out: str | Path, config: TinyPretrain | None = None, log: Callable[
     model.train()
     coordinates = PolicySpec(str(tmp)).data_spec(processor)["coordinates"]
     sft = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids only
-    if not sinusoidal_positions(model):
+    if c.sinusoidal and not sinusoidal_positions(model):
         log(f"dip_r1.pretrain: {c.family} has no vision position table; it may not learn to see")
     head = GroundingHead(model.config.get_text_config().hidden_size)  # trained here, never saved
     vision = {id(p) for p in vision_tower(model).parameters()}
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-lr", type=float, default=d.vision_lr)
     parser.add_argument("--vision-warmup", type=int, default=d.vision_warmup)
     parser.add_argument("--grounding-weight", type=float, default=d.grounding_weight)
+    parser.add_argument(
+        "--random-positions", action="store_true", help="keep the random vision position table"
+    )
     parser.add_argument("--cache", default=d.cache)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument(
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         vision_lr=args.vision_lr,
         vision_warmup=args.vision_warmup,
         grounding_weight=args.grounding_weight,
+        sinusoidal=not args.random_positions,
         cache=args.cache,
         eval_every=args.eval_every,
     )
