@@ -218,6 +218,8 @@ class GRPOModule(L.LightningModule):
             do_sample=hp.do_sample,
             suppress_token_ids=self.never_sampled_ids,
             min_new_tokens=hp.min_new_tokens,
+            merge_lora=hp.rollout_merge_lora,
+            compile_decode=hp.rollout_compile,
         )
         self.policy.train()
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
