@@ -122,3 +122,31 @@ def test_caches_it_cannot_hold_fall_back_to_the_dynamic_cache(tiny_qwen2_vl, mon
         "rollouts keep the dynamic KV cache: a linear-attention state"
     ]  # once, not at every rollout
     assert torch.equal(first.completion_ids, again.completion_ids)
+
+
+def test_compiled_decode_step_equals_eager(tiny_qwen2_vl, monkeypatch):
+    # dynamo's tracing with the eager backend: the compiled path captures the decoding forward and gives the
+    # same tokens; inductor's code generation (what a GPU run uses) is too slow for a CPU test
+    import functools
+
+    from dip_r1 import rollout
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(rollout, "_COMPILED", rollout.weakref.WeakKeyDictionary())
+    model, processor = load_policy(tiny_qwen2_vl)
+    model.eval()
+    inputs = prompt_batch(processor)
+    eager = _rollout(model, inputs, do_sample=False)
+    compiled = _rollout(model, inputs, do_sample=False, compile_decode=True)
+    assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    assert len(rollout._COMPILED) == 1
+
+
+def test_disable_dropout_zeroes_every_dropout(tiny_qwen2_vl):
+    from dip_r1.models import PolicySpec
+    from dip_r1.module import GRPOModule
+
+    module = GRPOModule(PolicySpec(tiny_qwen2_vl, lora=LoraSpec(r=4, dropout=0.1)), disable_dropout=True)
+    module.configure_model()
+    dropouts = [m for m in module.policy.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
