@@ -104,8 +104,8 @@ def _merge_blocker(layer: nn.Module) -> str | None:
         )
     if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
         return "the base weight is sharded or quantised"
-    if layer.merged or layer.disable_adapters:
-        return "adapters already merged or disabled"
+    if layer.merged:
+        return "adapters already merged (peft merge_adapter)"
     if getattr(layer, "lora_variant", None):
         return "a LoRA variant (DoRA, ...) is active"
     return None
@@ -119,11 +119,16 @@ def merged_lora(model: nn.Module, tokens: int):
     ``weight`` is swapped for ``W + delta`` (a new tensor); on exit the peft layer and the original weight
     Parameter come back, so the weights are bit-identical to before. A layer is merged when that costs less than
     running its adapter on ``tokens`` rows: the merge is ``r * in * out`` multiply-adds, the adapter ``tokens *
-    r * (in + out)``. The merged copies take the adapted layers' size in memory during the rollout.
+    r * (in + out)``. The merged copies take the adapted layers' size in memory during the rollout. Outputs
+    equal the adapters' up to float rounding (``W x + B A x`` against ``(W + B A) x``): the rollout samples
+    from the same policy, and the loss recomputes every log-prob through the adapters. Layers whose adapters
+    are disabled (the reference pass) are left alone.
     """
     swaps = []  # (parent, name, peft layer, base layer, original weight)
     try:
         for parent, name, layer in list(_lora_layers(model)):
+            if layer.disable_adapters:
+                continue  # the base model (a reference or compare_base pass): nothing to merge
             reason = _merge_blocker(layer)
             if reason is not None:
                 log_once(f"LoRA stays unmerged for rollouts: {reason}")

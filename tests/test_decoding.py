@@ -87,6 +87,8 @@ def test_weights_after_a_merged_rollout_are_bit_identical(tiny_qwen2_5_vl):
         assert after[name] is param, name  # the very tensors of before
         assert torch.equal(param, copy), name  # and their bits
     assert dict(model.named_modules()).keys() == modules.keys()
+    with model.disable_adapter(), decoding.merged_lora(model, tokens=10**6) as merged_layers:
+        assert merged_layers == 0  # the base model: nothing to merge
 
 
 def test_no_merge_for_bases_that_are_not_plain_linear():
