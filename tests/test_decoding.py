@@ -111,6 +111,11 @@ def test_caches_it_cannot_hold_fall_back_to_the_dynamic_cache(tiny_qwen2_vl, mon
     sliding.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
     cache, reason = decoding.preallocated_cache(sliding, 2, 16)
     assert cache is None and "DynamicSlidingWindowLayer" in reason
+    from transformers import Qwen3_5TextConfig
+
+    hybrid = DynamicCache(config=Qwen3_5TextConfig(num_hidden_layers=4))  # Gated DeltaNet states, 3 to 1
+    cache, reason = decoding.preallocated_cache(hybrid, 2, 16)
+    assert cache is None and "LinearAttentionLayer" in reason
 
     model, processor = load_policy(tiny_qwen2_vl)
     model.eval()
