@@ -15,15 +15,18 @@ from PIL import Image
 from dip_r1.data.prompts import DEFAULT_SYSTEM_PROMPT
 
 USER_PROMPT = "Detect every person in the image. Give each box in pixels of this image."
+SHORT_PROMPT = "Detect every person in the image."  # the outside harness's: a user message, no system prompt
 
 
-def messages() -> list[dict]:
-    """One conversation: the DIP-R1 system prompt, then an image and the detection request."""
-    return [
-        # content blocks everywhere: a datasets table (TRL's input) cannot mix strings and lists in a column
-        {"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": USER_PROMPT}]},
-    ]
+def messages(short: bool = False) -> list[dict]:
+    """One conversation: the DIP-R1 system prompt, then an image and the detection request; ``short``: only
+    the image and :data:`SHORT_PROMPT`."""
+    # content blocks everywhere: a datasets table (TRL's input) cannot mix strings and lists in a column
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SHORT_PROMPT}]}
+    if short:
+        return [user]
+    system = {"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]}
+    return [system, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": USER_PROMPT}]}]
 
 
 def images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -32,10 +35,10 @@ def images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def prompt_inputs(processor, count: int, size: int) -> dict:
+def prompt_inputs(processor, count: int, size: int, short: bool = False) -> dict:
     """A left-padded processor batch of ``count`` image prompts (the same text, different images)."""
     processor.tokenizer.padding_side = "left"
-    text = processor.apply_chat_template(messages(), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(messages(short), tokenize=False, add_generation_prompt=True)
     return dict(processor(text=[text] * count, images=images(count, size), padding=True, return_tensors="pt"))
 
 

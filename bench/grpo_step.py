@@ -15,6 +15,13 @@ step. The first ``--warmup`` steps are run but not counted. Keys:
   reused by the scoring passes, B x G if the rollout repeated each prompt G times.
   ``vision_calls_rollout_per_step`` / ``vision_calls_scoring_per_step`` split it;
   ``vision_forward_calls_per_step`` counts batched encoder forwards (one forward encodes many images).
+- ``bare_decode_s``: the model alone decoding the rollout's tokens: ``T - 1`` forwards of one token for the
+  ``B x G`` rows on HF's ``StaticCache``, with the rollout's weights (LoRA merged as the rollout merges it),
+  no sampling, no stopping logic; ``rollout_over_bare_decode`` is ``rollout_s`` over it (the prefill and the
+  vision encoder are in ``rollout_s`` only).
+- ``bare_forward_backward_s``: one forward and backward of the policy over the scored tokens of the last
+  rollout (the module's own scoring function, its micro-batches and prompt sharing, ``sum()`` as the loss):
+  the floor of the loss part; ``scoring_s`` is ``step_s - rollout_s``, everything after the rollout.
 - ``peak_rss_mb``: highest resident memory of the process (model loading included);
   ``train_peak_rss_mb``: highest during the timed steps; ``rss_after_import_mb``: the interpreter, torch
   and transformers alone. ``peak_gpu_mb`` on CUDA.
@@ -45,6 +52,7 @@ class _Probe:
         self.forwards = 0
         self.rollout_s = 0.0
         self.tokens = 0
+        self.last = None  # the last Rollout, for the forward-backward bound
 
     def hook_vision(self, model) -> None:
         visual = next(m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual")
@@ -64,6 +72,7 @@ class _Probe:
             finally:
                 self.phase = "scoring"
             self.rollout_s += time.perf_counter() - start
+            self.last = rollout
             self.tokens += int(rollout.mask.sum())
             return rollout
 
@@ -71,7 +80,9 @@ class _Probe:
 
     def take(self) -> dict:
         out = {**self.images, "forwards": self.forwards, "rollout_s": self.rollout_s, "tokens": self.tokens}
+        last = self.last
         self.__init__()
+        self.last = last
         return out
 
 
@@ -96,6 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="score every completion with its own prompt forward (GRPOModule share_prompt_prefix=False)",
     )
+    p.add_argument("--short-prompt", action="store_true", help="no system prompt, the short user prompt")
+    p.add_argument(
+        "--no-merge-lora", action="store_true", help="rollouts on unmerged LoRA (rollout_merge_lora)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoding forwards (rollout_compile)"
+    )
+    p.add_argument("--no-bounds", action="store_true", help="skip bare_decode_s and bare_forward_backward_s")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(
@@ -138,6 +157,8 @@ def build_module(args):
         beta=args.beta,
         micro_batch_size=args.micro_batch_size,
         share_prompt_prefix=not args.no_share_prompt_prefix,
+        rollout_merge_lora=not args.no_merge_lora,
+        rollout_compile=args.compile,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
     )
 
@@ -170,7 +191,7 @@ def _run(args, probe: _Probe) -> dict:
     size = args.image_size
     empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
     batch = {
-        "inputs": _common.prompt_inputs(module.processor, args.prompts, size),
+        "inputs": _common.prompt_inputs(module.processor, args.prompts, size, args.short_prompt),
         "targets": [empty] * args.prompts,
     }
     steps: list[dict] = []
@@ -207,6 +228,10 @@ def _run(args, probe: _Probe) -> dict:
     trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
     timed = steps[args.warmup :]
     med = {k: statistics.median(s[k] for s in timed) for k in timed[0]}
+    bound = {} if args.no_bounds else bounds(module, batch["inputs"], probe.last, args)
+    if bound:
+        bound["rollout_over_bare_decode"] = round(med["rollout_s"] / bound["bare_decode_s"], 3)
+        bound["scoring_s"] = round(med["step_s"] - med["rollout_s"], 4)
     return {
         "step_s": round(med["step_s"], 4),
         "tokens_per_s": round(med["tokens"] / med["step_s"], 2),
@@ -217,6 +242,7 @@ def _run(args, probe: _Probe) -> dict:
         "vision_forward_calls_per_step": med["forwards"],
         "rollout_s": round(med["rollout_s"], 4),
         "rollout_tokens_per_s": round(med["tokens"] / med["rollout_s"], 2),
+        **bound,
         "tokens_per_step": med["tokens"],
         "train_peak_rss_mb": round(_common.peak_rss_mb(), 1),
         "rss_after_import_mb": round(START_RSS, 1),
@@ -232,6 +258,69 @@ def _run(args, probe: _Probe) -> dict:
         "trainable_parameters": sum(p.numel() for p in module.policy.parameters() if p.requires_grad),
         "config": {k: v for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    }
+
+
+def bounds(module, inputs, rollout, args) -> dict:
+    """``bare_decode_s`` and ``bare_forward_backward_s``, medians of ``--steps`` repeats (see the module doc)."""
+    import contextlib
+
+    import torch
+    from transformers.cache_utils import StaticCache
+
+    from dip_r1.decoding import merged_lora
+    from dip_r1.rollout import _prompt_positions, completion_logprobs, micro_batches, select_prompts
+
+    model, hp = module.policy, module.hparams
+    n, t = len(rollout.prompt_index), args.max_new_tokens
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows = select_prompts(inputs, rollout.prompt_index)  # [N, P]: each prompt G times (untimed prefill)
+    p = rows["input_ids"].shape[1]
+    positions = _prompt_positions(model, rows)  # [3, N, P] or None
+    extra = {"position_ids": positions} if positions is not None else {}
+    mask = rows["attention_mask"].new_ones(n, p + t)  # [N, P + T]: a static cache attends all its positions
+    mask[:, :p] = rows["attention_mask"]
+    start = positions[:, :, -1:] + 1 if positions is not None else mask[:, :p].sum(1, keepdim=True)
+    steps = start + torch.arange(t, device=start.device)  # [3, N, T] or [N, T]
+    decode, score = [], []
+    for _ in range(args.steps):
+        model.eval()
+        merge = merged_lora(model, n * t) if hp.rollout_merge_lora else contextlib.nullcontext()
+        with torch.no_grad(), merge:
+            cache = StaticCache(config=model.config, max_cache_len=p + t)
+            out = model(**rows, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)  # [N, 1]: the same token every step, no sampling
+            sync()
+            begin = time.perf_counter()
+            for i in range(t - 1):
+                model(
+                    input_ids=token,
+                    attention_mask=mask,
+                    position_ids=steps[..., i : i + 1],
+                    past_key_values=cache,
+                )
+            sync()
+            decode.append(time.perf_counter() - begin)
+            del cache, out
+        model.train()
+        begin = time.perf_counter()
+        for mb in micro_batches(n, hp.micro_batch_size):
+            completion_logprobs(
+                model,
+                inputs,
+                rollout.prompt_index[mb],
+                rollout.completion_ids[mb],
+                rollout.mask[mb],
+                temperature=hp.temperature,
+                image_features=rollout.image_features,
+                share_prefix=hp.share_prompt_prefix,
+            ).sum().backward()
+        sync()
+        score.append(time.perf_counter() - begin)
+        model.zero_grad(set_to_none=True)
+    return {
+        "bare_decode_s": round(statistics.median(decode), 4),
+        "bare_forward_backward_s": round(statistics.median(score), 4),
     }
 
 

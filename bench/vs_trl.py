@@ -2,6 +2,12 @@
 
     python -m dip_r1.tiny --out runs/tiny-s --size s
     python bench/vs_trl.py --model runs/tiny-s --prompts 2 --group 8 --max-new-tokens 128 --image-size 448
+    python bench/vs_trl.py --preset outside
+
+``--preset outside`` is the harness a new user would set up: the tiny Qwen2.5-VL (size s, built at
+``runs/tiny-qwen2_5_vl-s`` if missing), the short user prompt and no system prompt, LoRA r 8 without dropout,
+beta 0.04, B 2, G 8, T 128, 448 px, and TRL's own defaults on TRL's side (``loss_type`` dapo, gradient
+checkpointing); dip_r1 runs its defaults. Flags given on the command line override the preset.
 
 Both sides: the same checkpoint, LoRA adapters (same rank, alpha, dropout, targets: ``load_policy``), B
 prompts of the same synthetic images and text, G completions each of exactly T tokens (EOS suppressed
@@ -38,8 +44,12 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings of a harness")
+    p.add_argument("--model", help="tiny checkpoint (python -m dip_r1.tiny --size s); built if missing")
+    p.add_argument("--family", default="qwen2_vl", help="family of the tiny checkpoint built when missing")
+    p.add_argument("--short-prompt", action="store_true", help="no system prompt, the short user prompt")
     p.add_argument(
-        "--model", required=True, help="tiny checkpoint (python -m dip_r1.tiny --size s); built if missing"
+        "--trl-defaults", action="store_true", help="TRL keeps its own loss_type (dapo); else grpo on both"
     )
     p.add_argument("--prompts", type=int, default=2, help="prompts per step (B)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
@@ -56,7 +66,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=8, help="dip_r1's completions per scoring forward")
     p.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if args.model is None:
+        p.error("give --model DIR (or --preset outside)")
+    return args
+
+
+PRESETS = {
+    "default": {},
+    "outside": dict(
+        model="runs/tiny-qwen2_5_vl-s",
+        family="qwen2_5_vl",
+        short_prompt=True,
+        trl_defaults=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        beta=0.04,
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------ TRL side
@@ -79,7 +109,8 @@ def trl_step(args) -> dict:
     model, processor = load_policy(args.model, lora=lora)  # the very adapters dip_r1 trains
     processor.tokenizer.padding_side = "left"
     rows = [
-        {"prompt": _common.messages(), "image": im} for im in _common.images(args.prompts, args.image_size)
+        {"prompt": _common.messages(args.short_prompt), "image": im}
+        for im in _common.images(args.prompts, args.image_size)
     ]
     dataset = Dataset.from_list(rows)
 
@@ -120,7 +151,7 @@ def trl_step(args) -> dict:
             top_p=1.0,
             beta=args.beta,
             num_iterations=1,
-            loss_type="grpo",
+            **({} if args.trl_defaults else {"loss_type": "grpo"}),
             scale_rewards="group",
             learning_rate=args.lr,
             weight_decay=0.0,
@@ -172,15 +203,17 @@ def compare(args) -> dict:
     if not (Path(args.model) / "config.json").is_file():
         from dip_r1.tiny import save_tiny
 
-        save_tiny(args.model, "qwen2_vl", "s")
+        save_tiny(args.model, args.family, "s")
     common = ["--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group)]
     common += ["--max-new-tokens", str(args.max_new_tokens), "--image-size", str(args.image_size)]
     common += ["--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
     common += ["--lora-dropout", str(args.lora_dropout), "--beta", str(args.beta), "--lr", str(args.lr)]
     common += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    common += ["--short-prompt"] if args.short_prompt else []
     dip_cmd = [sys.executable, str(HERE / "grpo_step.py"), *common, "--fixed-length"]
-    dip_cmd += ["--micro-batch-size", str(args.micro_batch_size)]
+    dip_cmd += ["--micro-batch-size", str(args.micro_batch_size), "--no-bounds"]
     trl_cmd = [sys.executable, str(HERE / "vs_trl.py"), *common, "--side", "trl"]
+    trl_cmd += ["--trl-defaults"] if args.trl_defaults else []
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {"dip_r1": [], "trl": []}
     for r in range(args.rounds):

@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from dip_r1.checkpointing import AtomicCheckpointIO, RNGStateCallback
 from dip_r1.data import DetectionDataModule
+from dip_r1.settings import SettingError
 
 
 class DipR1CLI(LightningCLI):
@@ -31,12 +32,13 @@ class DipR1CLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as exc:
-            # A wrong model or dataset path: one line naming it (jsonargparse would wrap it in pages of
-            # config dump), raised while the classes are built, before any model weights are loaded.
-            missing = _missing_path(exc)
-            if missing is None:
+            # A wrong model or dataset path, or a setting out of its range: one line naming it (jsonargparse
+            # would wrap it in pages of config dump), raised while the classes are built, before any model
+            # weights are loaded.
+            error = _one_line_error(exc)
+            if error is None:
                 raise
-            raise SystemExit(f"dip-r1: error: {missing}") from None
+            raise SystemExit(f"dip-r1: error: {error}") from None
         model, data = self.model, self.datamodule
         if data is not None and hasattr(model, "processor"):
             data.connect(model.processor, **model.data_spec())
@@ -66,11 +68,11 @@ class DipR1CLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _missing_path(exc: BaseException | None) -> FileNotFoundError | None:
-    """The FileNotFoundError that ``exc`` is or was caused by, if any."""
+def _one_line_error(exc: BaseException | None) -> FileNotFoundError | SettingError | None:
+    """The FileNotFoundError or SettingError that ``exc`` is or was caused by, if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, (FileNotFoundError, SettingError)):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -30,6 +30,7 @@ from dip_r1.models import (
 )
 from dip_r1.rewards import RewardSuite, parse_completion
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
+from dip_r1.settings import check_grpo_settings
 
 
 def _default_optimizer(params):
@@ -44,26 +45,36 @@ class GRPOModule(L.LightningModule):
         warm_start: builds the checkpoint at ``policy.path`` when it is missing: any ``CheckpointBuilder``
             (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``).
         rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
-        group_size: completions sampled per prompt (G).
-        max_new_tokens: most tokens of a completion; longer ones are truncated.
-        min_new_tokens: fewest tokens of a completion (EOS is suppressed until then); benchmarks set it to
-            ``max_new_tokens`` so that every run generates the same number of tokens.
-        temperature: sampling temperature of the rollouts (also divides the logits of the loss).
-        top_p: nucleus sampling of the rollouts.
-        beta: weight of the KL penalty to the reference model; 0 skips the reference forward entirely.
-        num_iterations: optimiser steps on one rollout (old log-probs are kept only when > 1).
-        epsilon_low: lower clip range of the ratio.
-        epsilon_high: upper clip range of the ratio (DAPO's clip-higher when above epsilon_low).
+        group_size: completions sampled per prompt (G), >= 1; 1 warns: every advantage is 0, only the KL term
+            (beta) moves the policy.
+        max_new_tokens: most tokens of a completion, >= 1; longer ones are truncated.
+        min_new_tokens: fewest tokens of a completion (EOS is suppressed until then), in [0, max_new_tokens];
+            benchmarks set it to ``max_new_tokens`` so that every run generates the same number of tokens.
+        temperature: sampling temperature of the rollouts (also divides the logits of the loss); > 0.
+        top_p: nucleus sampling of the rollouts, in (0, 1].
+        do_sample: sample the rollouts; False decodes them greedily (all G completions of a prompt alike, so
+            their advantages are 0: for debugging), which is the way to greedy rollouts, not temperature 0.
+        beta: weight of the KL penalty to the reference model, >= 0; 0 skips the reference forward entirely.
+        num_iterations: optimiser steps on one rollout, >= 1 (old log-probs are kept only when > 1).
+        epsilon_low: lower clip range of the ratio, >= 0.
+        epsilon_high: upper clip range of the ratio, >= 0 (DAPO's clip-higher when above epsilon_low).
         loss_type: ``"grpo"`` (mean per sequence), ``"bnpo"`` (mean per token) or ``"dr_grpo"``.
         scale_rewards: advantages divided by the std of the ``"group"``, of the ``"batch"``, or ``"none"``.
         mask_truncated: leave completions that hit ``max_new_tokens`` out of the loss.
-        micro_batch_size: completions per forward / backward pass (gradients are accumulated).
+        micro_batch_size: completions per forward / backward pass, >= 1 (gradients are accumulated).
         share_prompt_prefix: score a micro-batch of whole groups (``micro_batch_size`` a multiple of
             ``group_size``, or within one group) by running each prompt once and sharing its KV cache across
             the group's completions; same log-probs and gradients, less compute and memory (with LoRA
             dropout the group's rows share one dropout draw on the prompt). Off, or under gradient
             checkpointing, every completion runs its prompt again.
-        max_grad_norm: clip the gradient norm to this; 0 disables clipping.
+        max_grad_norm: clip the gradient norm to this, >= 0; 0 disables clipping.
+        disable_dropout: set every dropout of the policy (LoRA's included) to 0, as TRL's ``disable_dropout``.
+            Rollouts never use dropout (the policy samples in eval mode); the scoring passes (loss, old and
+            reference log-probs) run in train mode, so without this they draw dropout noise.
+        rollout_merge_lora: run rollouts on the LoRA adapters merged into copies of the base weights where that
+            is exact and cheaper (not for 4-bit / 8-bit bases); the weights after a rollout are bit-identical.
+        rollout_compile: run the rollouts' decoding forwards through ``torch.compile`` (on GPUs; compiling on
+            the CPU costs more than it gains for short runs).
         on_nonfinite: ``"skip"`` an optimiser step whose loss or gradient is not finite, or ``"raise"``.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-5 by default).
         lr_scheduler: an optional learning-rate scheduler, stepped once per optimiser step.
@@ -83,6 +94,7 @@ class GRPOModule(L.LightningModule):
         min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        do_sample: bool = True,
         beta: float = 0.0,
         num_iterations: int = 1,
         epsilon_low: float = 0.2,
@@ -93,6 +105,9 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: int = 8,
         share_prompt_prefix: bool = True,
         max_grad_norm: float = 1.0,
+        disable_dropout: bool = False,
+        rollout_merge_lora: bool = True,
+        rollout_compile: bool = False,
         on_nonfinite: Literal["skip", "raise"] = "skip",
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -101,6 +116,8 @@ class GRPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler", "warm_start"])
+        # before any model or data is built: one line, not a traceback from inside a step
+        check_grpo_settings(self.hparams)
         self.policy_spec = policy
         self.automatic_optimization = False
         # LoRA checkpoints hold only the trainable weights: the frozen base comes from `model`.
@@ -130,6 +147,10 @@ class GRPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.policy, _ = self.policy_spec.load()
+        if hp.disable_dropout:
+            for module in self.policy.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         self.policy.train()
         if hp.beta > 0 and not is_peft(self.policy):
             # Full fine-tuning needs a frozen copy; with LoRA the reference is the base with adapters disabled.
@@ -195,8 +216,11 @@ class GRPOModule(L.LightningModule):
             pad_token_id=self.pad_id,
             temperature=hp.temperature,
             top_p=hp.top_p,
+            do_sample=hp.do_sample,
             suppress_token_ids=self.never_sampled_ids,
             min_new_tokens=hp.min_new_tokens,
+            merge_lora=hp.rollout_merge_lora,
+            compile_decode=hp.rollout_compile,
         )
         self.policy.train()
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)

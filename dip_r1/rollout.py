@@ -6,13 +6,16 @@ prompt-major; completions are ``B * G`` rows, row ``j`` belongs to prompt ``prom
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dip_r1.decoding import log_once, merged_lora, preallocated_cache
 from dip_r1.grpo import completion_mask, token_logprobs
 
 
@@ -112,7 +115,7 @@ def _prompt_positions(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor 
     return positions
 
 
-def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
+def _draw(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
     """One token per row of ``logits [N, V]``: greedy, or from softmax(logits / temperature) cut at top_p."""
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -148,6 +151,9 @@ def sample_completions(
     do_sample: bool = True,
     min_new_tokens: int = 0,
     suppress_token_ids: list[int] | None = None,
+    preallocate: bool = True,
+    merge_lora: bool = True,
+    compile_decode: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt, each stopping at its EOS.
 
@@ -156,52 +162,73 @@ def sample_completions(
     left-padded, so every row's next token goes at the same column. ``suppress_token_ids`` are never
     sampled: an image placeholder in a completion would no longer match the image features when the
     completion is scored.
+
+    The decoding loop allocates no cache: with ``preallocate`` the KV cache, the attention mask, the positions
+    and the tokens are buffers of the rollout's full length, written in place (caches it cannot hold, such as
+    linear-attention states, keep HF's dynamic cache, the reason logged once); they are freed when the rollout
+    returns. ``merge_lora`` runs the rollout on LoRA merged into copies of the base weights where exact
+    (:func:`dip_r1.decoding.merged_lora`; the weights after are the tensors of before). ``compile_decode`` runs
+    the decoding forwards through ``torch.compile`` (compiled once per model; pays off on GPUs).
     """
     batch, prompt_len = inputs["input_ids"].shape
     device = inputs["input_ids"].device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    positions = _prompt_positions(model, inputs)  # [3, B, P] or None
-    extra = {"position_ids": positions} if positions is not None else {}
-    features = encode_images(model, inputs)  # vision, once per prompt
-    prompts = dict(inputs)
-    if features is not None:
-        del prompts["pixel_values"]
-        extra["mm_encoder_outputs"] = {"image": features}
-    out = model(**prompts, **extra, use_cache=True, logits_to_keep=1)  # prefill, once per prompt
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
-    attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)  # [N, P]
-    if positions is not None:
-        next_pos = positions[:, :, -1:].repeat_interleave(group_size, dim=1) + 1  # [3, N, 1]
-    else:
-        next_pos = attention.long().sum(dim=1, keepdim=True)  # [N, 1]
-
-    n = batch * group_size
-    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        logits = logits.float()
-        if suppress_token_ids:
-            logits[:, suppress_token_ids] = float("-inf")
-        if t < min_new_tokens:
-            logits[:, eos] = float("-inf")
-        token = _sample(logits, temperature, top_p, do_sample)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        tokens[:, t] = token
-        done |= torch.isin(token, eos)
-        if _all_done(done) or t == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, (~done).to(attention.dtype)[:, None] | 1], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
+    with merged_lora(model, batch * group_size * max_new_tokens) if merge_lora else contextlib.nullcontext():
+        positions = _prompt_positions(model, inputs)  # [3, B, P] or None
+        extra = {"position_ids": positions} if positions is not None else {}
+        features = encode_images(model, inputs)  # vision, once per prompt
+        prompts = dict(inputs)
+        if features is not None:
+            del prompts["pixel_values"]
+            extra["mm_encoder_outputs"] = {"image": features}
+        out = model(**prompts, **extra, use_cache=True, logits_to_keep=1)  # prefill, once per prompt
+        total = prompt_len + max_new_tokens
+        cache, reason = (
+            preallocated_cache(out.past_key_values, group_size, total) if preallocate else (None, None)
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
+        if cache is None:
+            if reason is not None:
+                log_once(f"rollouts keep the dynamic KV cache: {reason}")
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+        del out
+
+        n = batch * group_size
+        # Buffers of the whole rollout, sliced per token: the mask of a finished row stays 1 (its pad tokens are
+        # attended by nobody that matters), as HF generate's does.
+        attention = inputs["attention_mask"].new_ones(n, total)  # [N, P + T]
+        attention[:, :prompt_len] = inputs["attention_mask"].repeat_interleave(group_size, dim=0)
+        if positions is not None:
+            start = positions[:, :, -1:].repeat_interleave(group_size, dim=1) + 1  # [3, N, 1]
+        else:
+            start = attention[:, :prompt_len].long().sum(dim=1, keepdim=True)  # [N, 1]
+        steps = start + torch.arange(max_new_tokens, device=device)  # [3, N, T] or [N, T]
+        bias = torch.zeros(logits.shape[-1], device=device)  # [V]: -inf on tokens never sampled
+        if suppress_token_ids:
+            bias[suppress_token_ids] = float("-inf")
+        bias_early = bias.clone()  # before min_new_tokens, EOS too
+        bias_early[eos[eos < len(bias)]] = float("-inf")  # an EOS outside the vocabulary is never sampled
+        forward = _compiled(model) if compile_decode else model
+
+        tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            logits = logits.float() + (bias_early if t < min_new_tokens else bias)  # [N, V]
+            token = _draw(logits, temperature, top_p, do_sample).masked_fill_(done, pad_token_id)  # [N]
+            tokens[:, t] = token
+            done |= torch.isin(token, eos)
+            if _all_done(done) or t == max_new_tokens - 1:
+                break
+            out = forward(
+                input_ids=tokens[:, t : t + 1],
+                attention_mask=attention[:, : prompt_len + t + 1],
+                position_ids=steps[..., t : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1]
+        cache = out = None  # the rollout's cache goes now, not at the next one
 
     mask, truncated = completion_mask(tokens, eos_token_id, pad_token_id)
     ids = tokens.masked_fill(~mask, pad_token_id)
@@ -214,6 +241,17 @@ def sample_completions(
         truncated=truncated,
         image_features=features,
     )
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: nn.Module):
+    """``torch.compile`` of the model's forward for decoding, built once per model (shapes marked dynamic: the
+    cache grows by one position a token)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
 
 
 def _group_size(prompt_index: Tensor) -> int | None:
