@@ -36,6 +36,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2_vl": FamilySpec(coordinates="relative-1000"),
     "qwen2_5_vl": FamilySpec(coordinates="absolute"),
     "qwen3_vl": FamilySpec(coordinates="relative-1000", factor=32),
+    # Qwen3.5 (transformers.models.qwen3_5): Qwen3-VL's vision tower (patch 16, merge 2) and its grounding
+    # convention, 0..1000 relative coordinates.
+    "qwen3_5": FamilySpec(coordinates="relative-1000", factor=32),
 }
 
 

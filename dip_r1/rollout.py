@@ -10,6 +10,7 @@ import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +157,33 @@ def _prompt_positions(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor 
     return positions
 
 
+def repeat_cache(cache, repeats: int) -> None:
+    """Repeat every row of a prompt cache ``repeats`` times (row ``i`` -> rows ``i * repeats ...``), out of place,
+    so a repeat inside a gradient pass is differentiable.
+
+    ``Cache.batch_repeat_interleave`` repeats keys and values only: a linear-attention layer's conv and recurrent
+    states (Qwen3.5's Gated DeltaNet, transformers' ``LinearAttentionLayer``) have no such method, so they are
+    repeated here too.
+    """
+    for layer in cache.layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(repeats)
+        if not hasattr(layer, "recurrent_states"):
+            continue
+        for states in (layer.conv_states, layer.recurrent_states):
+            for i, state in states.items():
+                if state is not None:
+                    states[i] = state.repeat_interleave(repeats, dim=0)
+        # The layer copies each new recurrent state into the old one in place, but the old one is the input the
+        # backward of the step that read it needs: store the new state instead (this cache lives one pass).
+        layer.update_recurrent_state = partial(_store_recurrent_state, layer)
+
+
+def _store_recurrent_state(layer, recurrent_states: Tensor, state_idx: int = 0, **kwargs) -> Tensor:
+    layer.recurrent_states[state_idx] = recurrent_states
+    return recurrent_states
+
+
 def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
     """One token per row of ``logits [N, V]``: greedy, or from softmax(logits / temperature) cut at top_p."""
     if not do_sample:
@@ -213,7 +241,7 @@ def sample_completions(
         extra["mm_encoder_outputs"] = {"image": features}
     out = model(**prompts, **extra, use_cache=True, logits_to_keep=1)  # prefill, once per prompt
     cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
+    repeat_cache(cache, group_size)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
     attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)  # [N, P]
     if positions is not None:
@@ -309,7 +337,7 @@ def shared_prefix_logprobs(
         extra["mm_encoder_outputs"] = select_image_features(image_features, prompts)
     out = model(**prompt, **extra, use_cache=True, logits_to_keep=1)  # once per prompt
     cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)  # out of place (repeat_interleave): differentiable
+    repeat_cache(cache, group_size)  # out of place (repeat_interleave): differentiable
     first = out.logits[:, -1:].repeat_interleave(group_size, dim=0)  # [n, 1, V]
 
     t = completion_ids.shape[1]
