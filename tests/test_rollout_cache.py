@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
+import pytest
 import torch
 from helpers import prompt_batch
 
+from dip_r1 import reuse
 from dip_r1.models import LoraSpec, load_policy
-from dip_r1.rollout import all_logprobs, encode_images, sample_completions
+from dip_r1.reuse import encode_images
+from dip_r1.rollout import all_logprobs, sample_completions
 
 
 def _count_vision_calls(model) -> list[int]:
@@ -40,9 +44,14 @@ def test_cached_image_features_score_like_the_images(tiny_model):
     torch.testing.assert_close(cached, fresh)
 
 
-def test_no_cache_when_the_vision_tower_trains(tiny_qwen2_vl):
+def test_no_cache_when_the_vision_tower_trains(tiny_qwen2_vl, monkeypatch):
+    monkeypatch.setattr(reuse, "_FALLBACKS", set())  # warned once per process: forget earlier tests' warnings
     model, processor = load_policy(tiny_qwen2_vl, freeze_vision=False)
     inputs = prompt_batch(processor)
-    assert encode_images(model, inputs) is None  # its output would need gradients in the scoring pass
+    with pytest.warns(UserWarning, match="the vision tower trains"):  # said once, with why
+        assert encode_images(model, inputs) is None  # its output would need gradients in the scoring pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_images(model, inputs) is None  # not warned twice
     model.requires_grad_(False)
     assert encode_images(model, inputs) is not None
