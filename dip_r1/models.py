@@ -36,6 +36,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2_vl": FamilySpec(coordinates="relative-1000"),
     "qwen2_5_vl": FamilySpec(coordinates="absolute"),
     "qwen3_vl": FamilySpec(coordinates="relative-1000", factor=32),
+    # Qwen3.5 (transformers.models.qwen3_5): Qwen3-VL's vision tower (patch 16, merge 2) and its grounding
+    # convention, 0..1000 relative coordinates.
+    "qwen3_5": FamilySpec(coordinates="relative-1000", factor=32),
 }
 
 
@@ -108,14 +111,25 @@ def load_processor(path: str | Path):
     image_only = type(
         name, (cls,), {"get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"])}
     )
-    template = path / "chat_template.jinja"
     processor = image_only(
         image_processor=AutoImageProcessor.from_pretrained(path),
         tokenizer=AutoTokenizer.from_pretrained(path),
-        chat_template=template.read_text() if template.is_file() else None,
+        chat_template=chat_template(path),
     )
     assert isinstance(processor, processing_utils.ProcessorMixin)
     return processor
+
+
+def chat_template(path: str | Path) -> str | None:
+    """The folder's chat template: ``chat_template.jinja`` (what transformers writes today), or
+    ``chat_template.json`` holding ``{"chat_template": ...}`` (what the published Qwen2-VL and Qwen2.5-VL
+    folders carry), or None."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return None
 
 
 def release_checkpoint_memory(model: nn.Module) -> None:

@@ -172,9 +172,11 @@ class GRPOModule(L.LightningModule):
 
     @property
     def eos_ids(self) -> list[int]:
+        """Every id that ends a completion: the checkpoint's generation config lists several (published Qwen
+        folders: ``<|im_end|>`` and ``<|endoftext|>``), the tokenizer's EOS among them or not."""
         eos = self.policy.generation_config.eos_token_id if self.policy is not None else None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return list(dict.fromkeys(i for i in [*eos, self.tokenizer.eos_token_id] if i is not None))
 
     @property
     def placeholder_ids(self) -> list[int]:

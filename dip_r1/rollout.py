@@ -7,7 +7,6 @@ prompt-major; completions are ``B * G`` rows, row ``j`` belongs to prompt ``prom
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from dip_r1.decoding import log_once, merged_lora, preallocated_cache
 from dip_r1.grpo import completion_mask, token_logprobs
+from dip_r1.reuse import encode_images, repeat_cache, select_image_features
 
 
 @dataclass
@@ -59,45 +59,6 @@ def select_prompts(inputs: Mapping[str, Tensor], index: Tensor) -> dict[str, Ten
         else:
             out[key] = value
     return out
-
-
-def _vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder (the module named ``visual``, as in every Qwen-VL family), if any."""
-    return next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual"), None)
-
-
-def encode_images(model: nn.Module, inputs: Mapping[str, Tensor]):
-    """The vision encoder's output for the batch's images (one per prompt), or None when it cannot be reused.
-
-    It is reused by the prefill and by every scoring pass (policy, old and reference log-probs), so the
-    encoder runs once per prompt per step instead of once per completion per pass. That is exact only when
-    the encoder is the same in all of them: no trainable weight and no adapter in the vision tower (frozen
-    vision, the default), and a model whose forward takes ``mm_encoder_outputs``.
-    """
-    if "pixel_values" not in inputs or "image_grid_thw" not in inputs:
-        return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = _vision_tower(base)
-    if (
-        visual is None
-        or "mm_encoder_outputs" not in inspect.signature(base.forward).parameters
-        or not hasattr(base, "get_image_features")
-        or any(p.requires_grad for p in visual.parameters())
-        or any("lora_" in n for n, _ in visual.named_modules())
-    ):
-        return None
-    with torch.no_grad():
-        out = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    extra = [k for k, v in out.items() if v is not None and k not in ("last_hidden_state", "pooler_output")]
-    if extra or not isinstance(out.pooler_output, (tuple, list)):
-        return None  # per-image selection below knows only the merged per-image features
-    return out
-
-
-def select_image_features(features, index: Tensor):
-    """``mm_encoder_outputs`` for the prompts in ``index`` (repeated as needed), from :func:`encode_images`."""
-    per_image = features.pooler_output
-    return {"image": type(features)(pooler_output=tuple(per_image[i] for i in index.tolist()))}
 
 
 def _rope_owner(model: nn.Module) -> nn.Module | None:
@@ -190,7 +151,7 @@ def sample_completions(
             if reason is not None:
                 log_once(f"rollouts keep the dynamic KV cache: {reason}")
             cache = out.past_key_values
-            cache.batch_repeat_interleave(group_size)
+            repeat_cache(cache, group_size)
         logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
         del out
 
@@ -303,7 +264,7 @@ def shared_prefix_logprobs(
         extra["mm_encoder_outputs"] = select_image_features(image_features, prompts)
     out = model(**prompt, **extra, use_cache=True, logits_to_keep=1)  # once per prompt
     cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)  # out of place (repeat_interleave): differentiable
+    repeat_cache(cache, group_size)  # out of place (repeat_interleave): differentiable
     first = out.logits[:, -1:].repeat_interleave(group_size, dim=0)  # [n, 1, V]
 
     t = completion_ids.shape[1]

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints for tests, benchmarks and the quickstart.
+"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoints for tests, benchmarks and the quickstart.
 
 Nothing is downloaded: the configs are written here, the tokenizer is a byte-level BPE trained in a second on
 texts of the Think-Look-Answer format, and the processor is Qwen's own with small pixel limits.
@@ -50,11 +50,12 @@ SIZES = {
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 64
 # family: (processor class, vision patch size)
-FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 PROCESSORS = {
     "qwen2_vl": ("Qwen2VLProcessor", 14),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", 14),
     "qwen3_vl": ("Qwen3VLProcessor", 16),
+    "qwen3_5": ("Qwen3VLProcessor", 16),  # transformers' processing_auto maps qwen3_5 to Qwen3VLProcessor
 }
 
 
@@ -114,7 +115,7 @@ def build_tokenizer(vocab_size: int = 1024):
 
 def build_config(family: str, size: str, tokenizer):
     """A transformers config of the family's architecture at a tiny size."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
 
     s = SIZES[size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -175,6 +176,42 @@ def build_config(family: str, size: str, tokenizer):
             deepstack_visual_indexes=[0],
         )
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+    if family == "qwen3_5":
+        # transformers' models/qwen3_5/configuration_qwen3_5.py at a tiny size: Gated-DeltaNet linear-attention
+        # layers and full-attention layers three to one (here one of each, so both caches are exercised),
+        # rotary on a quarter of the head (partial_rotary_factor 0.25), interleaved mrope, no deepstack.
+        heads = 2
+        head_dim = s["hidden"] // heads
+        quarter = head_dim // 8  # half of the rotary quarter of the head, split (t, h, w)
+        text.update(
+            num_attention_heads=heads,
+            num_key_value_heads=1,
+            head_dim=head_dim,
+            layer_types=["linear_attention", "full_attention"] * (s["layers"] // 2)
+            + ["linear_attention"] * (s["layers"] % 2),
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+            partial_rotary_factor=0.25,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3],
+                "mrope_interleaved": True,
+            },
+        )
+        vision = dict(
+            depth=s["vision_depth"],
+            hidden_size=s["vision"],
+            intermediate_size=2 * s["vision"],
+            out_hidden_size=s["hidden"],
+            num_heads=2,
+            patch_size=16,
+            num_position_embeddings=256,
+        )
+        return Qwen3_5Config(text_config=text, vision_config=vision, **common)
     raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
 
 

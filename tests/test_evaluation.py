@@ -146,11 +146,11 @@ def _trainer(tmp_path, **kw):
 
 
 def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base(
-    tiny_qwen2_vl, tmp_path, capsys
+    tiny_model, tmp_path, capsys
 ):
     L.seed_everything(0)
     module = GRPOModule(
-        PolicySpec(tiny_qwen2_vl, lora=LoraSpec(r=4)),
+        PolicySpec(tiny_model, lora=LoraSpec(r=4)),
         max_new_tokens=12,
         compare_base=True,
         micro_batch_size=4,

@@ -91,9 +91,9 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
         assert key in header, key
 
 
-def test_lora_moves_adapters_only_and_reference_is_the_base(tiny_qwen2_vl, tmp_path):
+def test_lora_moves_adapters_only_and_reference_is_the_base(tiny_model, tmp_path):
     L.seed_everything(0)
-    module = _module(tiny_qwen2_vl, lora=LoraSpec(r=4, dropout=0.0), beta=0.1)
+    module = _module(tiny_model, lora=LoraSpec(r=4, dropout=0.0), beta=0.1)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     batch = {"inputs": prompt_batch(module.processor), "targets": toy_targets(2)}
@@ -129,12 +129,12 @@ def test_lora_checkpoint_holds_only_trainable_weights(tiny_qwen2_vl, tmp_path):
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
 
 
-def test_qlora_trains_on_cpu_with_finite_loss(tiny_qwen2_vl, tmp_path):
+def test_qlora_trains_on_cpu_with_finite_loss(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     import csv
 
     L.seed_everything(0)
-    module = _module(tiny_qwen2_vl, lora=LoraSpec(r=4, dropout=0.0), quantization="4bit")
+    module = _module(tiny_model, lora=LoraSpec(r=4, dropout=0.0), quantization="4bit")
     module.configure_model()
     assert any(type(m).__name__ == "Linear4bit" for m in module.policy.modules())
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
@@ -146,9 +146,9 @@ def test_qlora_trains_on_cpu_with_finite_loss(tiny_qwen2_vl, tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters() if p.requires_grad)
 
 
-def test_one_step_on_qwen2_5_vl(tiny_qwen2_5_vl, tmp_path):
+def test_two_iterations_on_one_rollout(tiny_model, tmp_path):
     L.seed_everything(0)
-    module = _module(tiny_qwen2_5_vl, lora=LoraSpec(r=4), num_iterations=2, beta=0.05)
+    module = _module(tiny_model, lora=LoraSpec(r=4), num_iterations=2, beta=0.05)
     rewards = _fit(module, 2, tmp_path)  # two iterations on one rollout = two optimiser steps
     assert len(rewards) == 1
 

@@ -163,3 +163,30 @@ def test_answer_format_rounds_both_conventions():
     boxes = torch.tensor([[100.4, 99.5, 500.5, 501.6]])
     # round half to even: 99.5 -> 100, 500.5 -> 500
     assert format_answer(boxes, ["person"]) == '[{"bbox_2d": [100, 100, 500, 502], "label": "person"}]'
+
+
+def test_each_family_round_trips_through_the_prompt_builder_and_its_processor(tiny_model):
+    from dip_r1.models import FAMILIES, PolicySpec, load_processor
+
+    processor = load_processor(tiny_model)
+    spec = PolicySpec(tiny_model).data_spec(processor)
+    assert spec["coordinates"] == FAMILIES[_model_type(tiny_model)].coordinates
+    builder = DetectionPromptBuilder()
+    builder.configure(**spec, image_processor=processor.image_processor)
+    prompt = builder.build(_sample(), Image.new("RGB", (640, 480)))
+    # the processor keeps the builder's resized image as it is: its patch grid spans exactly those pixels
+    grid = processor.image_processor(images=[prompt.image], return_tensors="pt")["image_grid_thw"][0]
+    patch = processor.image_processor.patch_size
+    assert (int(grid[2]) * patch, int(grid[1]) * patch) == prompt.target["resized_size"]
+    target = prompt.target
+    back = to_image_coords(
+        target["boxes"], target["orig_size"], target["resized_size"], target["coordinates"]
+    )
+    assert _close(back, [[64.0, 48.0, 320.0, 240.0], [320.0, 240.0, 640.0, 480.0]])
+
+
+def _model_type(path) -> str:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(path) / "config.json").read_text())["model_type"]

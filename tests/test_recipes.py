@@ -57,6 +57,8 @@ def test_the_recipes_are_there():
         "qwen2_5_vl_3b_crowdhuman_sft.yaml",
         "qwen2_5_vl_7b_crowdhuman_lora_ddp.yaml",
         "qwen2_5_vl_7b_crowdhuman_fsdp.yaml",
+        "qwen3_vl_2b_crowdhuman_qlora.yaml",
+        "qwen3_5_4b_crowdhuman_qlora.yaml",
     } <= names
 
 

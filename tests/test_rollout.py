@@ -9,11 +9,11 @@ from dip_r1.models import load_policy
 from dip_r1.rollout import all_logprobs, micro_batches, sample_completions, select_prompts
 
 
-def _greedy(model, inputs, **kw):
+def _greedy(model, inputs, group_size=1, **kw):
     return sample_completions(
         model,
         inputs,
-        group_size=1,
+        group_size=group_size,
         max_new_tokens=12,
         do_sample=False,
         eos_token_id=10**6,
@@ -22,14 +22,17 @@ def _greedy(model, inputs, **kw):
     )
 
 
-def test_greedy_sampler_matches_generate(tiny_qwen2_vl, tiny_qwen2_5_vl):
-    for path in (tiny_qwen2_vl, tiny_qwen2_5_vl):
-        model, processor = load_policy(path)
-        model.eval()
-        inputs = prompt_batch(processor)
-        ours = _greedy(model, inputs).completion_ids
-        ref = model.generate(**inputs, do_sample=False, max_new_tokens=12, eos_token_id=10**6, pad_token_id=0)
-        assert torch.equal(ours, ref[:, inputs["input_ids"].shape[1] :]), path
+def test_greedy_sampler_matches_generate(tiny_model):
+    model, processor = load_policy(tiny_model)
+    model.eval()
+    inputs = prompt_batch(processor)
+    ours = _greedy(model, inputs).completion_ids
+    ref = model.generate(**inputs, do_sample=False, max_new_tokens=12, eos_token_id=10**6, pad_token_id=0)
+    assert torch.equal(ours, ref[:, inputs["input_ids"].shape[1] :])
+    # the prompt's cache repeated for a group (keys and values; Qwen3.5's conv and recurrent states too):
+    # every greedy row of a prompt's group is that prompt's greedy completion
+    group = _greedy(model, inputs, group_size=3).completion_ids
+    assert torch.equal(group, ours.repeat_interleave(3, dim=0))
 
 
 def test_sampler_logprobs_positions_agree_with_full_forward(tiny_qwen2_vl):

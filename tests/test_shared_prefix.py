@@ -8,7 +8,8 @@ from helpers import prompt_batch
 
 import dip_r1.rollout as rollout_mod
 from dip_r1.models import LoraSpec, load_policy
-from dip_r1.rollout import Rollout, all_logprobs, completion_logprobs, encode_images
+from dip_r1.reuse import encode_images
+from dip_r1.rollout import Rollout, all_logprobs, completion_logprobs
 
 G = 3
 # Rows 0-2 answer prompt 0, rows 3-5 prompt 1 (the longer one: left padding on prompt 0). Lengths 6, 3, 1,
@@ -53,31 +54,30 @@ def _score(model, inputs, index, ids, mask, features, share):
 
 
 @pytest.mark.parametrize("lora", [LoraSpec(r=4, dropout=0.0), None], ids=["lora", "full"])
-def test_shared_prefix_equals_per_row_scoring(tiny_qwen2_vl, tiny_qwen2_5_vl, lora, monkeypatch):
+def test_shared_prefix_equals_per_row_scoring(tiny_model, lora, monkeypatch):
     calls = _spy(monkeypatch)
     index, ids, mask = _completions()
-    for path in (tiny_qwen2_vl, tiny_qwen2_5_vl):
-        model, processor = load_policy(path, lora=lora)
-        model.train()
-        inputs = prompt_batch(processor)
-        assert inputs["attention_mask"][0, 0] == 0  # prompt 0 is left-padded
-        features = encode_images(model, inputs)
-        assert features is not None
-        ref, ref_grads = _score(model, inputs, index, ids, mask, features, share=False)
-        assert calls == []
-        ours, grads = _score(model, inputs, index, ids, mask, features, share=True)
-        assert calls == [6]  # both groups at once, each prompt run once
-        torch.testing.assert_close(ours[mask], ref[mask], atol=1e-5, rtol=0)
-        assert len(grads) == len(ref_grads) > 0
-        assert any(g.abs().sum() > 0 for g in grads.values())
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-        # Without cached image features the prompt pass encodes the images itself: same log-probs.
-        with torch.no_grad():
-            again = completion_logprobs(model, inputs, index, ids, mask)
-        assert calls == [6, 6]
-        calls.clear()
-        torch.testing.assert_close(again[mask], ref[mask], atol=1e-5, rtol=0)
+    model, processor = load_policy(tiny_model, lora=lora)
+    model.train()
+    inputs = prompt_batch(processor)
+    assert inputs["attention_mask"][0, 0] == 0  # prompt 0 is left-padded
+    features = encode_images(model, inputs)
+    assert features is not None
+    ref, ref_grads = _score(model, inputs, index, ids, mask, features, share=False)
+    assert calls == []
+    ours, grads = _score(model, inputs, index, ids, mask, features, share=True)
+    assert calls == [6]  # both groups at once, each prompt run once
+    torch.testing.assert_close(ours[mask], ref[mask], atol=1e-5, rtol=0)
+    assert len(grads) == len(ref_grads) > 0
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Without cached image features the prompt pass encodes the images itself: same log-probs.
+    with torch.no_grad():
+        again = completion_logprobs(model, inputs, index, ids, mask)
+    assert calls == [6, 6]
+    calls.clear()
+    torch.testing.assert_close(again[mask], ref[mask], atol=1e-5, rtol=0)
 
 
 def test_all_logprobs_shares_whole_groups_only(tiny_qwen2_vl, monkeypatch):
