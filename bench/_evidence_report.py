@@ -88,6 +88,10 @@ def training_diagnostics(log: dict[str, list[tuple[int, float]]]) -> dict:
                 "last_fifth": mean(key, slice(-fifth, None)),
                 "zero_std_ratio": mean(f"train/zero_std_ratio_{r}"),
             }
+    # A reward whose G values were equal in every group of the run gave no gradient at all: a defect to find.
+    out["never_varied"] = [
+        r for r in REWARDS if f"reward_{r}" in out and out[f"reward_{r}"]["zero_std_ratio"] == 1.0
+    ]
     if "train/zero_std_ratio" in log:
         out["zero_std_ratio_total"] = mean("train/zero_std_ratio")
     for key in TRAINING_KEYS:
@@ -108,6 +112,8 @@ def mean_of(diagnostics: list[dict]) -> dict:
         values = [d[key] for d in diagnostics if d.get(key) is not None]
         if values and isinstance(values[0], dict):
             out[key] = mean_of(values)
+        elif values and isinstance(values[0], list):  # names: those of every seed
+            out[key] = [v for v in values[0] if all(v in other for other in values)]
         else:
             out[key] = _finite(float(np.mean(values))) if values else None
     return out
@@ -171,8 +177,9 @@ def _num(value: float | None) -> str:
 _W, _PAD = 1500, 12
 
 
-def _chart(size: tuple[int, int], title: str, ylim: tuple[float, float], xmax: float):
-    """A blank chart: ``(image, to_pixel(x, y))`` with a frame, the title and the y range written."""
+def _chart(size: tuple[int, int], title: str, ylim: tuple[float, float], xmax: float, xlabel: bool = True):
+    """A blank chart: ``(image, draw, to_pixel(x, y))`` with a frame, the title, the y range and (``xlabel``)
+    the last x written."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 44, 20, size[0] - 8, size[1] - 18
@@ -183,13 +190,19 @@ def _chart(size: tuple[int, int], title: str, ylim: tuple[float, float], xmax: f
         y = bottom - frac * (bottom - top)
         draw.line([left - 3, y, left, y], fill=(0, 0, 0))
         draw.text((4, y - 6), f"{lo + frac * (hi - lo):.2f}", fill=(0, 0, 0))
-    draw.text((right - 40, bottom + 4), f"{xmax:g}", fill=(0, 0, 0))
+    if xlabel:
+        draw.text((right - 40, bottom + 4), f"step {xmax:g}", fill=(0, 0, 0))
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
         fy = (y - lo) / max(hi - lo, 1e-9)
         return left + x / max(xmax, 1e-9) * (right - left), bottom - min(max(fy, 0.0), 1.0) * (bottom - top)
 
     return image, draw, to_pixel
+
+
+def _top(values: Sequence[float]) -> float:
+    """The top of a y axis over ``values`` in [0, 1]: a tenth above their largest, rounded up to 0.1."""
+    return min(1.0, max(0.1, math.ceil(12 * max(values, default=0.0)) / 10))
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -210,15 +223,16 @@ def reward_curves(logs: dict[str, list[dict]], size: tuple[int, int]) -> list[Im
             curves = [[v for _, v in run[key]] for run in runs if key in run]
             if curves:
                 n = min(len(c) for c in curves)
-                series[arm] = list(np.mean([c[:n] for c in curves], axis=0))
+                mean = list(np.mean([c[:n] for c in curves], axis=0))
+                series[arm] = _smooth(mean, max(1, n // 10))
         xmax = max((len(s) for s in series.values()), default=1)
-        image, draw, px = _chart(size, f"train/reward_{r} per step", (0.0, 1.0), xmax)
-        for i, (arm, values) in enumerate(series.items()):
-            smooth = _smooth(values, max(1, len(values) // 10))
+        top = _top([v for values in series.values() for v in values])
+        image, draw, px = _chart(size, f"train/reward_{r}", (0.0, top), xmax)
+        for i, (arm, smooth) in enumerate(series.items()):
             colour = _arm_colour(arm)
             if len(smooth) > 1:
                 draw.line([px(x, y) for x, y in enumerate(smooth)], fill=colour, width=2)
-            draw.text((size[0] - 110, 24 + 12 * i), arm, fill=colour)
+            draw.text((size[0] - 300 + 100 * i, 4), arm, fill=colour)  # the legend, above the frame
         charts.append(image)
     return charts
 
@@ -230,8 +244,13 @@ def _arm_colour(arm: str) -> tuple[int, int, int]:
 def f1_bars(table: dict, sets: Sequence[str], size: tuple[int, int]) -> Image.Image:
     """F1@0.5 per arm and set: mean bars with a ±std error bar."""
     arms = list(table)
+    rows = [table[arm][s]["f1"] for arm in arms for s in sets]
     image, draw, px = _chart(
-        size, "F1@0.5 per arm (left: " + ", right: ".join(sets) + "), ±std", (0.0, 1.0), len(arms)
+        size,
+        "F1@0.5 per arm (left: " + ", right: ".join(sets) + "), ±std",
+        (0.0, _top([(r["mean"] or 0.0) + (r["std"] or 0.0) for r in rows])),
+        len(arms),
+        xlabel=False,
     )
     width = 0.8 / len(sets)
     for a, arm in enumerate(arms):

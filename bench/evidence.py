@@ -4,22 +4,28 @@
 
 Arms: ``base`` (no training), ``sft`` (SFTModule continued on the training set), ``dip_r1`` (GRPO, format +
 look + accuracy), ``no_look`` (GRPO, format + accuracy), ``accuracy_only`` (GRPO, accuracy alone). Every trained
-arm of a seed sees the same training images in the same order for the same number of optimiser steps; all are
-full fine-tuning with the vision tower trainable. Held-out sets: ``in_domain`` (the training distribution,
-other seeds) and ``out_of_domain`` (denser crowds, another image size, a cluttered background). Metrics from
-greedy answers through ``GRPOModule``'s validation (``dip-r1 validate``'s code).
+arm of a seed sees the same training images in the same order for the same number of optimiser steps, at the
+same learning rate by default. All arms fine-tune every weight, the vision tower included: the tiny base is a
+few million parameters trained from random weights, so LoRA would save nothing and its vision features are as
+much to learn as the rest. GRPO's reference for the KL term (``--beta``) is a frozen copy of the base.
+Held-out sets: ``in_domain`` (the training distribution, other seeds) and ``out_of_domain`` (denser crowds,
+another image size, a cluttered background). Metrics come from greedy answers through ``GRPOModule``'s
+validation, the code of ``dip-r1 validate``.
 
 Writes under ``--out``: ``results.json`` (``{arm: {set: {metric: {"mean", "std", "seeds"}}}}``),
-``diagnostics.json`` (per arm: rewards, zero-std ratios, completion length, truncation, KL, times; the sets),
-``results.md``, ``evidence.png``, each arm's policy as ``<arm>/seed<k>/`` (a transformers folder), the CSV
-logs under ``logs/<arm>/seed<k>/`` and the data under ``data/``. Prints one JSON line. Any policy folder
-evaluates on another set with, e.g.::
+``diagnostics.json`` (per arm: rewards' first and last fifths, zero-std ratios, completion length,
+truncation, KL, times; the budget and the sets), ``results.md``, ``evidence.png``, each arm's policy as
+``<arm>/seed<k>/`` (a transformers folder), the CSV logs under ``logs/<arm>/seed<k>/`` and the data under
+``data/``. Progress goes to stderr, one JSON summary line to stdout. Any policy folder evaluates on another
+set, e.g. the quickstart's validation set (the tiny bases read a short system prompt, and crowded answers
+need more tokens than the quickstart's 96)::
 
     dip-r1 validate --config recipes/quickstart.yaml --model.init_args.policy.path runs/evidence/dip_r1/seed0 \\
-      --data.prompt_builder.system_prompt "$(python -c 'import dip_r1.pretrain as p; print(p.TINY_SYSTEM_PROMPT)')"
+      --data.prompt_builder.system_prompt "Answer with <think>, <look> and <answer> blocks." \\
+      --model.init_args.max_new_tokens 320
 
 The base is built with ``dip_r1.pretrain.pretrain`` when ``--base`` holds no checkpoint (``--quick``: a random
-tiny one instead, as the test does not judge results).
+tiny one under ``--out`` instead, as the quick run's results are not judged).
 """
 
 from __future__ import annotations
@@ -53,14 +59,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="optimiser steps of every trained arm")
     p.add_argument("--batch-size", type=int, default=2, help="images per step, every arm")
     p.add_argument("--group-size", type=int, default=8, help="GRPO completions per image (G)")
-    p.add_argument("--max-new-tokens", type=int, default=224, help="longest GRPO completion")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=320, help="longest GRPO completion (8 people: ~300 tokens)"
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
-    p.add_argument("--beta", type=float, default=0.0, help="GRPO KL weight (0: no reference pass)")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the GRPO arms")
-    p.add_argument("--sft-lr", type=float, default=3e-5, help="AdamW learning rate of the SFT arm")
+    p.add_argument(
+        "--beta", type=float, default=0.04, help="GRPO KL weight (0: no reference pass, KL not measured)"
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the GRPO arms")
+    p.add_argument("--sft-lr", type=float, default=1e-4, help="AdamW learning rate of the SFT arm")
     p.add_argument("--train-images", type=int, default=400, help="images of the training set")
     p.add_argument("--eval-images", type=int, default=32, help="images of each held-out set")
-    p.add_argument("--eval-max-new-tokens", type=int, default=400, help="longest greedy answer in evaluation")
+    p.add_argument(
+        "--eval-max-new-tokens", type=int, default=576, help="longest greedy answer (16 people: ~550 tokens)"
+    )
     p.add_argument("--eval-batch-size", type=int, default=16, help="images per evaluation batch")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (tiny models: more threads only wait)"
@@ -131,28 +143,17 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     for seed in range(args.seeds):
         for arm in args.arms:
             policy, logs = out / arm / f"seed{seed}", out / "logs" / arm / f"seed{seed}"
+            trained = run.train_arm(arm, base, sources["train"], budget, seed, policy, logs)
             if arm == "base" and seed > 0:  # untrained and greedy: every seed would decode the same answers
                 per_seed[arm][seed], seconds[arm][seed] = per_seed[arm][0], {"train": 0.0, "eval": 0.0}
-                run.train_arm(arm, base, sources["train"], budget, seed, policy, logs)
                 continue
-            trained = run.train_arm(arm, base, sources["train"], budget, seed, policy, logs)
             t = time.perf_counter()
             evaluated = run.evaluate(policy, held_out, sources["out_of_domain"], budget)
             per_seed[arm][seed] = evaluated["metrics"]
             seconds[arm][seed] = {"train": trained["seconds"], "eval": round(time.perf_counter() - t, 1)}
-            if seed == 0:
-                pictures[arm] = evaluated["picture"]
-            print(
-                json.dumps(
-                    {
-                        "seed": seed,
-                        "arm": arm,
-                        **seconds[arm][seed],
-                        "f1": {s: round(v["f1"], 3) for s, v in evaluated["metrics"].items()},
-                    }
-                ),
-                file=sys.stderr,
-            )
+            pictures.setdefault(arm, evaluated["picture"])  # seed 0's
+            f1 = {s: round(v["f1"], 3) for s, v in evaluated["metrics"].items()}
+            print(json.dumps({"seed": seed, "arm": arm, **seconds[arm][seed], "f1": f1}), file=sys.stderr)
 
     table = report.results(per_seed, args.arms, run.SETS, run.METRICS)
     logs = {
@@ -164,6 +165,10 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "budget": vars(budget),
         "sets": {name: vars(spec) for name, spec in specs.items()},
         "reward_weights": run.REWARD_WEIGHTS,
+        # What each arm wrote for the figure's image: box spamming, lost format, truncation show here.
+        "picture": {
+            arm: {"image_id": p.target["image_id"], "completion": p.text} for arm, p in pictures.items()
+        },
         "arms": {
             arm: {
                 "train_seconds": report.summary([seconds[arm][k]["train"] for k in range(args.seeds)]),
@@ -188,6 +193,9 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "out": str(out),
         "seconds": diagnostics["seconds"],
         "f1": {arm: {s: table[arm][s]["f1"]["mean"] for s in run.SETS} for arm in args.arms},
+        "never_varied": {
+            arm: d["training"].get("never_varied", []) for arm, d in diagnostics["arms"].items()
+        },
     }
     print(json.dumps(summary))
     return summary
