@@ -72,3 +72,15 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
             assert (out / arm / f"seed{seed}" / "tokenizer.json").is_file()
     model, processor = PolicySpec(str(out / "dip_r1" / "seed0")).load()  # what policy.path points at
     assert processor.tokenizer is not None and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_summary_over_seeds():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _evidence_report as report
+    finally:
+        sys.path.remove(str(BENCH))
+    assert report.summary([0.5, 0.7]) == {"mean": 0.6, "std": 0.14142, "seeds": [0.5, 0.7]}  # sample std
+    assert report.summary([0.25]) == {"mean": 0.25, "std": 0.0, "seeds": [0.25]}
+    # an undefined metric (AP without ground truth) is null, and left out of the mean
+    assert report.summary([float("nan"), 1.0]) == {"mean": 1.0, "std": 0.0, "seeds": [None, 1.0]}
