@@ -137,7 +137,19 @@ def markdown(
         for arm, per_set in table.items():
             lines.append(f"| {arm} | " + " | ".join(_cell(per_set[s][m]) for m in metrics) + " |")
         lines.append("")
-    lines += ["F1@0.5 of each seed:", "", "| arm | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, spec in diagnostics["sets"].items():
+        lines.append(
+            f"- {name}: {spec['images']} images {spec['width']}x{spec['height']}, {spec['min_people']}-"
+            f"{spec['max_people']} figures ({spec['people_per_image']} annotated a image, {spec['occluded']:.0%} "
+            f"of them occluded, {spec['ignored']:.0%} ignored), background {spec['background']}, seed {spec['seed']}"
+        )
+    lines += [
+        "",
+        "F1@0.5 of each seed:",
+        "",
+        "| arm | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
     for arm, per_set in table.items():
         seeds = [", ".join("-" if v is None else f"{v:.3f}" for v in per_set[s]["f1"]["seeds"]) for s in sets]
         lines.append(f"| {arm} | " + " | ".join(seeds) + " |")

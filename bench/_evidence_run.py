@@ -70,6 +70,25 @@ class SetSpec:
         )
 
 
+def set_stats(source: SyntheticCrowd) -> dict:
+    """How hard a generated set is, from its annotation: people per image, the share of them occluded (under
+    95% visible) and the share ignored (under 10% visible)."""
+    import json
+
+    iter(source)  # generates the set if no arm has read it yet
+    people = []
+    with open(source.root / "annotation.odgt") as f:
+        for line in f:
+            people.append([g for g in json.loads(line)["gtboxes"] if g["tag"] == "person"])
+    every = [g for image in people for g in image]
+    return {
+        "images": len(people),
+        "people_per_image": round(len(every) / max(len(people), 1), 2),
+        "occluded": round(sum(g["extra"]["occ"] for g in every) / max(len(every), 1), 3),
+        "ignored": round(sum(g["extra"]["ignore"] for g in every) / max(len(every), 1), 3),
+    }
+
+
 def data_sets(train_images: int, eval_images: int) -> dict[str, SetSpec]:
     """The training set and the two held-out sets.
 

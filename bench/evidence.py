@@ -163,7 +163,7 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     diagnostics = {
         "base": {"path": str(base), "origin": base_origin},
         "budget": vars(budget),
-        "sets": {name: vars(spec) for name, spec in specs.items()},
+        "sets": {name: {**vars(spec), **run.set_stats(sources[name])} for name, spec in specs.items()},
         "reward_weights": run.REWARD_WEIGHTS,
         # What each arm wrote for the figure's image: box spamming, lost format, truncation show here.
         "picture": {
