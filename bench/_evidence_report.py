@@ -140,7 +140,7 @@ def markdown(
     for name, spec in diagnostics["sets"].items():
         lines.append(
             f"- {name}: {spec['images']} images {spec['width']}x{spec['height']}, {spec['min_people']}-"
-            f"{spec['max_people']} figures ({spec['people_per_image']} annotated a image, {spec['occluded']:.0%} "
+            f"{spec['max_people']} figures ({spec['people_per_image']} annotated per image, {spec['occluded']:.0%} "
             f"of them occluded, {spec['ignored']:.0%} ignored), background {spec['background']}, seed {spec['seed']}"
         )
     lines += [
