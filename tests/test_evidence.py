@@ -26,7 +26,7 @@ def _load_bench():
         sys.path.remove(str(BENCH))
 
 
-def test_quick_run_writes_every_output(tmp_path, capsys):
+def test_quick_run_writes_every_output(tmp_path, capsys, monkeypatch):
     import torch
 
     threads = torch.get_num_threads()
@@ -72,6 +72,28 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
             assert (out / arm / f"seed{seed}" / "tokenizer.json").is_file()
     model, processor = PolicySpec(str(out / "dip_r1" / "seed0")).load()  # what policy.path points at
     assert processor.tokenizer is not None and sum(p.numel() for p in model.parameters()) > 0
+
+    # The command the docstring gives, on the quickstart's sets (shrunk): the folder is a policy the CLI runs.
+    from dip_r1.cli import main
+    from dip_r1.pretrain import TINY_SYSTEM_PROMPT
+
+    monkeypatch.chdir(tmp_path)
+    crowd = "{class_path: dip_r1.quickstart.SyntheticCrowd, init_args: {root: data/%s, n: 2, width: 160, height: 120, min_people: 1, max_people: 3}}"
+    cli = main(
+        [
+            "validate",
+            "--config",
+            str(BENCH.parent / "recipes/quickstart.yaml"),
+            f"--model.init_args.policy.path={out / 'dip_r1' / 'seed0'}",
+            f"--data.prompt_builder.system_prompt={TINY_SYSTEM_PROMPT}",
+            "--model.init_args.max_new_tokens=8",
+            "--trainer.enable_progress_bar=false",
+            f"--data.train=[{crowd % 'train'}]",
+            f"--data.val=[{crowd % 'val'}]",
+        ]
+    )
+    images = {k: float(v) for k, v in cli.trainer.logged_metrics.items() if k.endswith("/images")}
+    assert list(images.values()) == [2.0], images
 
 
 def test_summary_over_seeds():
