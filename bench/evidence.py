@@ -50,7 +50,10 @@ DEFAULT_BASE = "data/tiny-qwen3_vl-seeing"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--seeds", type=int, default=3, help="seeds 0..N-1: training order, sampling, weights' noise"
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds 0..N-1: each sets the training images' order and GRPO's sampling",
     )
     p.add_argument("--base", default=DEFAULT_BASE, help="base checkpoint folder (built when missing)")
     p.add_argument("--out", default="runs/evidence", help="output folder")
