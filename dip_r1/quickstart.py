@@ -40,6 +40,7 @@ class SyntheticCrowd:
         min_people: int = 6,
         max_people: int = 24,
         name: str = "synthetic",
+        background: str = "plain",
     ) -> None:
         """
         Args:
@@ -51,11 +52,18 @@ class SyntheticCrowd:
             min_people: fewest figures per image.
             max_people: most figures per image.
             name: dataset name in metrics.
+            background: ``"plain"`` or ``"clutter"`` (distractor shapes; see ``dip_r1.data.synthetic``).
         """
         self.root = Path(root)
         self.name = name
         self._args = dict(
-            n=n, seed=seed, width=width, height=height, min_people=min_people, max_people=max_people
+            n=n,
+            seed=seed,
+            width=width,
+            height=height,
+            min_people=min_people,
+            max_people=max_people,
+            background=background,
         )
 
     def _reader(self) -> CrowdHuman:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -59,3 +60,18 @@ def test_command_line(tmp_path, capsys):
         "synthetic_0_000000.jpg",
         "synthetic_0_000001.jpg",
     ]
+
+
+def test_clutter_background_adds_distractors_not_annotations(tmp_path):
+    plain = generate(tmp_path / "plain", n=4, seed=5, min_people=2, max_people=4)
+    clutter = generate(tmp_path / "clutter", n=4, seed=5, min_people=2, max_people=4, background="clutter")
+    image = "Images/synthetic_5_000000.jpg"
+    assert (tmp_path / "plain" / image).read_bytes() != (tmp_path / "clutter" / image).read_bytes()
+    assert (
+        plain.read_bytes()
+        == generate(tmp_path / "again", n=4, seed=5, min_people=2, max_people=4).read_bytes()
+    )
+    for record in map(json.loads, clutter.read_text().splitlines()):
+        assert sum(g["tag"] == "person" for g in record["gtboxes"]) <= 4  # distractors are never annotated
+    with pytest.raises(ValueError, match="background"):
+        generate(tmp_path / "bad", n=1, seed=0, background="stripes")

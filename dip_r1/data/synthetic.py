@@ -7,7 +7,9 @@ person-like figures (a head disc on a body, varied sizes and colours) drawn far 
 figures occlude farther ones: ``fbox`` is the whole figure, ``vbox`` the bounding box of its
 visible pixels, ``hbox`` its head; figures less than 10% visible carry ``extra.ignore = 1``, fully
 hidden ones are not annotated. About half the images hold a distant crowd of tiny figures
-annotated as one ``tag == "mask"`` region. Same seed, same files (a generator per image).
+annotated as one ``tag == "mask"`` region. ``background="clutter"`` adds person-sized distractors
+(posts, boxes, discs) behind the figures, for out-of-domain sets. Same seed, same files (a generator per
+image).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ HEAD = 0.09
 """Head radius as a fraction of figure height."""
 MIN_VISIBLE = 0.1
 """Figures with a smaller visible fraction are marked ``extra.ignore = 1``."""
+BACKGROUNDS = ("plain", "clutter")
+"""Background styles: sky and ground only, or with unannotated distractor shapes as well."""
 
 
 def _head(draw: ImageDraw.ImageDraw, x: float, y: float, w: float, h: float, colour) -> None:
@@ -48,12 +52,40 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def _scene(rng: np.random.Generator, width: int, height: int, min_people: int, max_people: int):
+def _clutter(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int, horizon: int
+) -> None:
+    """Distractors standing on the ground, about a figure's size: posts, boxes and discs, never annotated."""
+    for _ in range(int(rng.integers(3, 9))):
+        foot = rng.uniform(horizon, height)
+        h = max(2.0, (foot - horizon) * rng.uniform(0.3, 1.0))
+        w = h * rng.uniform(0.15, 1.2)
+        x = rng.uniform(-w / 2, width - w / 2)
+        box = [x, foot - h, x + w, foot]
+        shape = rng.integers(3)
+        if shape == 0:
+            draw.rectangle(box, fill=_colour(rng))
+        elif shape == 1:
+            draw.ellipse(box, fill=_colour(rng))
+        else:
+            draw.rounded_rectangle(box, radius=max(1.0, w / 3), fill=_colour(rng))
+
+
+def _scene(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    min_people: int,
+    max_people: int,
+    background: str = "plain",
+):
     """Draw one image; return it and its CrowdHuman ``gtboxes``."""
     image = Image.new("RGB", (width, height), _colour(rng))
     draw = ImageDraw.Draw(image)
     horizon = int(height * rng.uniform(0.3, 0.45))
     draw.rectangle([0, horizon, width, height], fill=_colour(rng))
+    if background == "clutter":  # drawn only then: "plain" images stay those of earlier versions
+        _clutter(rng, draw, width, height, horizon)
     ids = Image.new("L", (width, height), 0)  # which figure (1-based) owns each pixel
     id_draw = ImageDraw.Draw(ids)
     gtboxes = []
@@ -149,6 +181,7 @@ def generate(
     min_people: int = 6,
     max_people: int = 24,
     quality: int = 90,
+    background: str = "plain",
 ) -> Path:
     """Write ``n`` synthetic crowd images and their ``annotation.odgt`` under ``out``; return the ``.odgt`` path.
 
@@ -161,7 +194,10 @@ def generate(
         min_people: fewest annotated-or-not figures per image.
         max_people: most figures per image.
         quality: JPEG quality.
+        background: ``"plain"`` (sky and ground) or ``"clutter"`` (plus unannotated distractor shapes).
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     if not 0 < min_people <= max_people or max_people > 250:  # owner map is 8-bit
         raise ValueError(f"need 0 < min_people <= max_people <= 250, got {min_people}, {max_people}")
     out = Path(out)
@@ -169,7 +205,7 @@ def generate(
     lines = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])  # one stream per image: any image regenerates alone
-        image, gtboxes = _scene(rng, width, height, min_people, max_people)
+        image, gtboxes = _scene(rng, width, height, min_people, max_people, background)
         image_id = f"synthetic_{seed}_{i:06d}"
         image.save(out / "Images" / f"{image_id}.jpg", quality=quality)
         lines.append(json.dumps({"ID": image_id, "gtboxes": gtboxes}))
@@ -188,8 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=240, help="image height")
     parser.add_argument("--min-people", type=int, default=6, help="fewest figures per image")
     parser.add_argument("--max-people", type=int, default=24, help="most figures per image")
+    parser.add_argument("--background", default="plain", choices=BACKGROUNDS, help="background style")
     args = parser.parse_args(argv)
-    path = generate(args.out, args.n, args.seed, args.width, args.height, args.min_people, args.max_people)
+    path = generate(
+        args.out,
+        args.n,
+        args.seed,
+        args.width,
+        args.height,
+        args.min_people,
+        args.max_people,
+        background=args.background,
+    )
     print(path)
 
 
