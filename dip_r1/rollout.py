@@ -76,7 +76,7 @@ def _prompt_positions(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor 
     return positions
 
 
-def _draw(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
+def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
     """One token per row of ``logits [N, V]``: greedy, or from softmax(logits / temperature) cut at top_p."""
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -176,7 +176,7 @@ def sample_completions(
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
             logits = logits.float() + (bias_early if t < min_new_tokens else bias)  # [N, V]
-            token = _draw(logits, temperature, top_p, do_sample).masked_fill_(done, pad_token_id)  # [N]
+            token = _sample(logits, temperature, top_p, do_sample).masked_fill_(done, pad_token_id)  # [N]
             tokens[:, t] = token
             done |= torch.isin(token, eos)
             if _all_done(done) or t == max_new_tokens - 1:
