@@ -27,8 +27,6 @@ from dip_r1.pretrain import TINY_SYSTEM_PROMPT
 from dip_r1.quickstart import SyntheticCrowd
 from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, RewardSuite
 
-BASE_RECORDS = ("scores.json", "README.md")
-"""Files ``dip_r1.pretrain`` writes beside a base's weights that are about that base only."""
 ARMS = ("base", "sft", "dip_r1", "no_look", "accuracy_only")
 SETS = ("in_domain", "out_of_domain")
 METRICS = ("precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid")
@@ -214,9 +212,7 @@ def train_arm(
     with _quiet_stdout():
         trainer.fit(module, data)
     module.policy.save_pretrained(out)
-    for name in copy_processor_files(base, out):
-        if name in BASE_RECORDS:  # the base's own scores and README describe the base, not this policy
-            (out / name).unlink()
+    copy_processor_files(base, out)  # not the base's own scores and README
     return {"seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -30,6 +30,8 @@ PREFIX = "policy."
 # folder gets its own (a copied config.json would make an adapter folder look like a full model).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _MODEL_FILES = {"config.json", "generation_config.json", "adapter_config.json"}
+BASE_RECORDS = {"README.md", "scores.json"}
+"""Files about the base model itself (its card, ``dip_r1.pretrain``'s scores): never copied to a trained one."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -135,12 +137,17 @@ def restore_policy(checkpoint: dict, spec: PolicySpec, dtype: str | None = None)
 
 
 def copy_processor_files(base: str | Path, out: str | Path) -> list[str]:
-    """Copy the base folder's files that are neither weights nor model config (tokenizer, image processor,
-    chat template, processor_config.json) into ``out``, without overwriting what is there."""
+    """Copy the base folder's files that are neither weights, model config nor records of the base
+    (``BASE_RECORDS``): tokenizer, image processor, chat template, processor_config.json; into ``out``,
+    without overwriting what is there."""
     base, out = Path(base), Path(out)
     copied = []
     for f in sorted(base.iterdir()):
-        skip = f.name in _MODEL_FILES or f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json")
+        skip = (
+            f.name in _MODEL_FILES | BASE_RECORDS
+            or f.name.endswith(_WEIGHT_SUFFIXES)
+            or f.name.endswith(".index.json")
+        )
         if f.is_file() and not skip and not f.name.startswith(".") and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
             copied.append(f.name)

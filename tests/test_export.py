@@ -198,3 +198,22 @@ def test_lora_weights_without_lora_settings_fail_before_loading_anything():
 def test_sharded_checkpoint_folder_is_refused_with_the_consolidation_command(tmp_path):
     with pytest.raises(IsADirectoryError, match="consolidate_checkpoint"):
         export.load_checkpoint(tmp_path)
+
+
+def test_processor_files_leave_the_base_records_and_weights_behind(tmp_path):
+    from dip_r1.export import copy_processor_files
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in (
+        "tokenizer.json",
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "scores.json",
+    ):
+        (base / name).write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert copy_processor_files(base, out) == ["chat_template.jinja", "tokenizer.json"]
