@@ -182,8 +182,14 @@ def _lr_scale(step: int, total: int, warmup: int) -> float:
     return max(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total)), 0.02)
 
 
-def pretrain(out: str | Path, config: TinyPretrain | None = None, log: Callable[[str], None] = print) -> dict:
-    """Build the checkpoint at ``out`` (atomically) and return its record (also ``out/scores.json``)."""
+def pretrain(
+    out: str | Path,
+    config: TinyPretrain | None = None,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> dict:
+    """Build the checkpoint at ``out`` (atomically) and return its record (also ``out/scores.json``, and a
+    ``README.md`` naming ``command``, by default the ``python -m dip_r1.pretrain`` line of the defaults)."""
     from dip_r1.grounding import GroundingHead, grounding_loss, sinusoidal_positions, vision_tower
     from dip_r1.grpo import masked_mean
     from dip_r1.models import PolicySpec, load_policy
@@ -297,6 +303,7 @@ def pretrain(out: str | Path, config: TinyPretrain | None = None, log: Callable[
         "history": history,
     }
     (tmp / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_readme(tmp, out.name, record, command or f"python -m dip_r1.pretrain --out {out}")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(json.dumps({"scores": scores, "seconds": record["seconds"], "sha256": record["sha256"]}))
@@ -355,15 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         cache=args.cache,
         eval_every=args.eval_every,
     )
-    record = pretrain(args.out, config)
-    write_readme(
-        Path(args.out),
-        record,
-        "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
+    command = "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    pretrain(args.out, config, command=command)
 
 
-def write_readme(folder: Path, record: dict, command: str) -> None:
+def write_readme(folder: Path, name: str, record: dict, command: str) -> None:
     """The README beside a built base: how it was made and what it scores."""
     rows = "\n".join(
         f"| {name} ({s['min_people']}-{s['max_people']} people, {s['width']}x{s['height']}, {s['n']} images) | "
@@ -373,7 +376,7 @@ def write_readme(folder: Path, record: dict, command: str) -> None:
         for name, s in record["held_out"].items()
     )
     (folder / "README.md").write_text(
-        f"# {folder.name}\n\nA tiny {record['config']['family']} ({record['config']['size']}) built from random "
+        f"# {name}\n\nA tiny {record['config']['family']} ({record['config']['size']}) built from random "
         f"weights by `dip_r1.pretrain` in {record['steps']} steps ({record['seconds'] / 60:.0f} min).\n\n"
         f"```bash\n{command}\n```\n\nseed {record['config']['seed']}; `model.safetensors` sha256 "
         f"`{record['sha256']}`.\n\nHeld-out greedy answers (IoU 0.5):\n\n"

@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write the checkpoint to")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILY_NAMES)
     parser.add_argument(
-        "--size", default="xs", choices=sorted(SIZES), help="xs: under 2 M parameters; s: ~5 M; m: ~100 M"
+        "--size",
+        default="xs",
+        choices=sorted(SIZES),
+        help="xs: under 2 M parameters; t: ~1.6 M with a wider vision tower (the seeing base); s: ~5 M; m: ~100 M",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = parser.parse_args(argv)

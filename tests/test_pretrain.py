@@ -79,8 +79,10 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     written = json.loads((out / "scores.json").read_text())
     assert written["steps"] == 3 and set(written["scores"]) == {"few", "crowd"}
     assert 0.0 <= written["scores"]["few"]["f1"] <= 1.0
-    write_readme(out, written, "python -m dip_r1.pretrain --out base")
-    assert written["sha256"] in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert written["sha256"] in readme and f"python -m dip_r1.pretrain --out {out}" in readme
+    write_readme(out, "base", written, "python -m dip_r1.pretrain --out base --seed 0")
+    assert "--seed 0" in (out / "README.md").read_text()
     model, _ = load_policy(out)
     assert model.config.model_type == "qwen3_vl"
     assert pretrain.__doc__
