@@ -86,3 +86,17 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     model, _ = load_policy(out)
     assert model.config.model_type == "qwen3_vl"
     assert pretrain.__doc__
+
+
+def test_committed_base_is_the_one_its_readme_describes():
+    from pathlib import Path
+
+    from dip_r1.pretrain import sha256
+
+    base = Path(__file__).resolve().parents[1] / "data/tiny-qwen3_vl-seeing"
+    record = json.loads((base / "scores.json").read_text())
+    assert sha256(base / "model.safetensors") == record["sha256"]
+    assert record["sha256"] in (base / "README.md").read_text()
+    assert record["scores"]["few"]["distinct_answers"] > 0.9  # it answers each image with its own boxes
+    model, _ = load_policy(base, freeze_vision=False)
+    assert model.config.model_type == "qwen3_vl"

@@ -21,13 +21,18 @@ def test_quickstart_runs_from_nothing(tmp_path, monkeypatch):
             str(ROOT / "recipes/quickstart.yaml"),
             "--trainer.max_steps=3",
             "--trainer.enable_progress_bar=false",
-            "--model.init_args.warm_start.init_args.steps=4",
-            "--model.init_args.warm_start.init_args.data.init_args.n=16",
+            # the committed base is not in tmp_path: the warm start builds a small one, as on a clone without it
+            "--model.init_args.warm_start.init_args.size=xs",
+            "--model.init_args.warm_start.init_args.stages=[{steps: 2, min_people: 1, max_people: 1, n: 8, width: 64, height: 64}]",
+            "--model.init_args.warm_start.init_args.vision_warmup=1",
+            "--model.init_args.warm_start.init_args.batch_size=2",
+            "--model.init_args.warm_start.init_args.eval_images=2",
             "--data.train=[{class_path: dip_r1.quickstart.SyntheticCrowd, init_args: {root: data/quickstart-crowd, n: 16, width: 160, height: 120, min_people: 1, max_people: 3}}]",
             "--model.init_args.max_new_tokens=16",
         ]
     )
-    assert (tmp_path / "runs/tiny-qwen2_vl-xs-sft/config.json").is_file()
+    assert (tmp_path / "data/tiny-qwen3_vl-seeing/config.json").is_file()
+    assert (tmp_path / "data/tiny-qwen3_vl-seeing/scores.json").is_file()
     assert (tmp_path / "data/quickstart-crowd/annotation.odgt").is_file()
     assert list((tmp_path / "runs/quickstart/checkpoints").glob("*.ckpt"))
     (metrics,) = (tmp_path / "runs/quickstart").rglob("metrics.csv")
