@@ -113,6 +113,20 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
+def _qwen3_vision(s: dict, **extra) -> dict:
+    """The vision tower of Qwen3-VL and Qwen3.5 at a tiny size: patch 16, a 16 x 16 learned position table."""
+    return dict(
+        depth=s["vision_depth"],
+        hidden_size=s["vision"],
+        intermediate_size=2 * s["vision"],
+        out_hidden_size=s["hidden"],
+        num_heads=2,
+        patch_size=16,
+        num_position_embeddings=256,
+        **extra,
+    )
+
+
 def build_config(family: str, size: str, tokenizer):
     """A transformers config of the family's architecture at a tiny size."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
@@ -165,17 +179,9 @@ def build_config(family: str, size: str, tokenizer):
         # embeddings in the vision tower and deepstack features from an early vision block.
         text.update(head_dim=head_dim, tie_word_embeddings=True)
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
-        vision = dict(
-            depth=s["vision_depth"],
-            hidden_size=s["vision"],
-            intermediate_size=2 * s["vision"],
-            out_hidden_size=s["hidden"],
-            num_heads=2,
-            patch_size=16,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
+        return Qwen3VLConfig(
+            text_config=text, vision_config=_qwen3_vision(s, deepstack_visual_indexes=[0]), **common
         )
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
     if family == "qwen3_5":
         # transformers' models/qwen3_5/configuration_qwen3_5.py at a tiny size: Gated-DeltaNet linear-attention
         # layers and full-attention layers three to one (here one of each, so both caches are exercised),
@@ -202,16 +208,7 @@ def build_config(family: str, size: str, tokenizer):
                 "mrope_interleaved": True,
             },
         )
-        vision = dict(
-            depth=s["vision_depth"],
-            hidden_size=s["vision"],
-            intermediate_size=2 * s["vision"],
-            out_hidden_size=s["hidden"],
-            num_heads=2,
-            patch_size=16,
-            num_position_embeddings=256,
-        )
-        return Qwen3_5Config(text_config=text, vision_config=vision, **common)
+        return Qwen3_5Config(text_config=text, vision_config=_qwen3_vision(s), **common)
     raise ValueError(f"unknown family {family!r}: expected one of {FAMILY_NAMES}")
 
 
