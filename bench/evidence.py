@@ -17,12 +17,9 @@ Writes under ``--out``: ``results.json`` (``{arm: {set: {metric: {"mean", "std",
 truncation, KL, times; the budget and the sets), ``results.md``, ``evidence.png``, each arm's policy as
 ``<arm>/seed<k>/`` (a transformers folder), the CSV logs under ``logs/<arm>/seed<k>/`` and the data under
 ``data/``. Progress goes to stderr, one JSON summary line to stdout. Any policy folder evaluates on another
-set, e.g. the quickstart's validation set (the tiny bases read a short system prompt, and crowded answers
-need more tokens than the quickstart's 96)::
+set, e.g. the quickstart's validation set (the quickstart recipe sets the tiny bases' short system prompt)::
 
-    dip-r1 validate --config recipes/quickstart.yaml --model.init_args.policy.path runs/evidence/dip_r1/seed0 \\
-      --data.prompt_builder.system_prompt "Answer with <think>, <look> and <answer> blocks." \\
-      --model.init_args.max_new_tokens 320
+    dip-r1 validate --config recipes/quickstart.yaml --model.init_args.policy.path runs/evidence/dip_r1/seed0
 
 The base is built with ``dip_r1.pretrain.pretrain`` when ``--base`` holds no checkpoint (``--quick``: a random
 tiny one under ``--out`` instead, as the quick run's results are not judged).

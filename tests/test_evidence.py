@@ -75,7 +75,6 @@ def test_quick_run_writes_every_output(tmp_path, capsys, monkeypatch):
 
     # The command the docstring gives, on the quickstart's sets (shrunk): the folder is a policy the CLI runs.
     from dip_r1.cli import main
-    from dip_r1.pretrain import TINY_SYSTEM_PROMPT
 
     monkeypatch.chdir(tmp_path)
     crowd = "{class_path: dip_r1.quickstart.SyntheticCrowd, init_args: {root: data/%s, n: 2, width: 160, height: 120, min_people: 1, max_people: 3}}"
@@ -85,7 +84,6 @@ def test_quick_run_writes_every_output(tmp_path, capsys, monkeypatch):
             "--config",
             str(BENCH.parent / "recipes/quickstart.yaml"),
             f"--model.init_args.policy.path={out / 'dip_r1' / 'seed0'}",
-            f"--data.prompt_builder.system_prompt={TINY_SYSTEM_PROMPT}",
             "--model.init_args.max_new_tokens=8",
             "--trainer.enable_progress_bar=false",
             f"--data.train=[{crowd % 'train'}]",
