@@ -1,8 +1,9 @@
-"""What lets the quickstart build itself on a fresh machine: synthetic data and a warm-started tiny policy.
+"""Synthetic data that builds itself on first use, and a quick warm start for tests and experiments.
 
-``recipes/quickstart.yaml`` names both: ``SyntheticCrowd`` generates its images on first use, and
-``TinySFT`` writes a tiny randomly initialised checkpoint and teaches it the Think-Look-Answer format with a
-short SFT run, so that GRPO starts from a policy whose rewards are not all 0.
+``SyntheticCrowd`` generates its images on first use (``recipes/quickstart.yaml`` names it). ``TinySFT``
+writes a tiny randomly initialised checkpoint and teaches it the Think-Look-Answer format with a short SFT
+run: a policy that writes the format but ignores its image. The quickstart starts instead from the committed
+seeing base, rebuilt when missing by ``dip_r1.pretrain.TinyPretrain``.
 """
 
 from __future__ import annotations
