@@ -129,6 +129,10 @@ class Budget:
     """Longest greedy answer in evaluation (the densest out-of-domain answers need ~25 tokens a person)."""
     eval_batch_size: int
     """Images per evaluation batch."""
+    look_weight: float = 1.0
+    """Weight of the look reward in the ``dip_r1`` arm (the other arms weight it 0)."""
+    iou_weighted: bool = False
+    """The accuracy reward counts a match by its IoU instead of 1 (``PrecisionRecallReward(iou_weighted)``)."""
 
 
 def prompt_builder() -> DetectionPromptBuilder:
@@ -136,10 +140,22 @@ def prompt_builder() -> DetectionPromptBuilder:
     return DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT)
 
 
-def reward_suite(arm: str) -> RewardSuite:
+def reward_weights(arm: str, look_weight: float = 1.0) -> dict[str, float]:
+    """The arm's reward weights, ``REWARD_WEIGHTS`` with the ``dip_r1`` arm's look weight set."""
+    weights = dict(REWARD_WEIGHTS[arm])
+    if arm == "dip_r1":
+        weights["look"] = look_weight
+    return weights
+
+
+def reward_suite(arm: str, budget: Budget) -> RewardSuite:
     """The three rewards with the arm's weights."""
-    rewards = {"format": FormatReward(), "look": LookReward(), "accuracy": PrecisionRecallReward()}
-    return RewardSuite(rewards, REWARD_WEIGHTS[arm])
+    rewards = {
+        "format": FormatReward(),
+        "look": LookReward(),
+        "accuracy": PrecisionRecallReward(iou_weighted=budget.iou_weighted),
+    }
+    return RewardSuite(rewards, reward_weights(arm, budget.look_weight))
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -173,7 +189,7 @@ def _module(arm: str, path: str | Path, budget: Budget, *, evaluation: bool = Fa
     g = budget.group_size
     return GRPOModule(
         spec,
-        rewards=reward_suite(arm if arm in REWARD_WEIGHTS else "dip_r1"),
+        rewards=reward_suite(arm if arm in REWARD_WEIGHTS else "dip_r1", budget),
         group_size=g,
         max_new_tokens=budget.eval_max_new_tokens if evaluation else budget.max_new_tokens,
         temperature=budget.temperature,

@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--beta", type=float, default=0.04, help="GRPO KL weight (0: no reference pass, KL not measured)"
     )
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the GRPO arms")
+    p.add_argument("--look-weight", type=float, default=1.0, help="weight of the look reward in the dip_r1 arm")
+    p.add_argument(
+        "--iou-weighted", action="store_true", help="the accuracy reward counts each match by its IoU"
+    )
     p.add_argument("--sft-lr", type=float, default=1e-4, help="AdamW learning rate of the SFT arm")
     p.add_argument("--train-images", type=int, default=400, help="images of the training set")
     p.add_argument("--eval-images", type=int, default=32, help="images of each held-out set")
@@ -132,6 +136,8 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         sft_lr=args.sft_lr,
         eval_max_new_tokens=args.eval_max_new_tokens,
         eval_batch_size=args.eval_batch_size,
+        look_weight=args.look_weight,
+        iou_weighted=args.iou_weighted,
     )
     specs = run.data_sets(args.train_images, args.eval_images)
     sources = {name: spec.source(out / "data", name) for name, spec in specs.items()}
@@ -164,7 +170,7 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "base": {"path": str(base), "origin": base_origin},
         "budget": vars(budget),
         "sets": {name: {**vars(spec), **run.set_stats(sources[name])} for name, spec in specs.items()},
-        "reward_weights": run.REWARD_WEIGHTS,
+        "reward_weights": {arm: run.reward_weights(arm, args.look_weight) for arm in run.REWARD_WEIGHTS},
         # What each arm wrote for the figure's image: box spamming, lost format, truncation show here.
         "picture": {
             arm: {"image_id": p.target["image_id"], "completion": p.text} for arm, p in pictures.items()

@@ -66,6 +66,27 @@ def held_out_sets(n: int = 64) -> dict[str, Stage]:
     return {"few": Stage(0, 1, 3, n), "crowd": Stage(0, 6, 10, n)}
 
 
+def _sources(cache: Path, stage: Stage, seed: int, scales: list[float]) -> list:
+    """The stage's training images split evenly among ``scales`` of its size (the k-th with seed ``seed + 7919 k``:
+    one scale gives the set of ``seed``, and no scale's set is a held-out set's)."""
+    return [
+        _source(
+            cache,
+            "train",
+            Stage(
+                stage.steps,
+                stage.min_people,
+                stage.max_people,
+                stage.n // len(scales),
+                round(stage.width * scale),
+                round(stage.height * scale),
+            ),
+            seed + 7919 * k,
+        )
+        for k, scale in enumerate(scales)
+    ]
+
+
 def _source(cache: Path, tag: str, stage: Stage, seed: int):
     from dip_r1.quickstart import SyntheticCrowd
 
@@ -84,12 +105,15 @@ def _source(cache: Path, tag: str, stage: Stage, seed: int):
     )
 
 
-def batches(processor, coordinates: str, source, batch_size: int, seed: int, train: bool) -> Iterator[dict]:
-    """Batches of a source through the DetectionDataModule (images decoded in a worker), tiny prompt."""
+def batches(
+    processor, coordinates: str, sources: list, batch_size: int, seed: int, train: bool
+) -> Iterator[dict]:
+    """Batches of sources (mixed evenly when training) through the DetectionDataModule (images decoded in a
+    worker), tiny prompt."""
     from dip_r1.data import DetectionDataModule
 
     data = DetectionDataModule(
-        **({"train": [source]} if train else {"val": [source]}),
+        **({"train": sources} if train else {"val": sources}),
         prompt_builder=DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT),
         batch_size=batch_size,
         num_workers=1,
@@ -150,6 +174,8 @@ class TinyPretrain:
     """Seed of the weights, of the generated training sets and of the data order."""
     stages: list[Stage] = field(default_factory=default_curriculum)
     """The curriculum, in order."""
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    """Sizes of each stage's images, as factors of its width and height, its images split evenly among them."""
     batch_size: int = 16
     """Images per optimiser step."""
     lr: float = 2e-3
@@ -228,7 +254,7 @@ def pretrain(
             name: evaluate(
                 model,
                 processor,
-                batches(processor, coordinates, _source(cache, "eval", s, 1000 + i), 16, 0, False),
+                batches(processor, coordinates, [_source(cache, "eval", s, 1000 + i)], 16, 0, False),
             )
             for i, (name, s) in enumerate(held_out_sets(c.eval_images).items())
         }
@@ -242,9 +268,9 @@ def pretrain(
         warm = torch.optim.AdamW(
             [p for p in params if id(p) in vision] + list(head.parameters()), lr=c.vision_lr
         )
-        source = _source(cache, "train", c.stages[0], c.seed * 100)
+        sources = _sources(cache, c.stages[0], c.seed * 100, c.scales)
         for i, batch in zip(
-            range(c.vision_warmup), batches(processor, coordinates, source, c.batch_size, c.seed, True)
+            range(c.vision_warmup), batches(processor, coordinates, sources, c.batch_size, c.seed, True)
         ):
             loss = grounding_loss(model, head, batch["inputs"], batch["targets"])
             warm.zero_grad(set_to_none=True)
@@ -255,9 +281,9 @@ def pretrain(
 
     step, total = 0, sum(s.steps for s in c.stages)
     for index, stage in enumerate(c.stages):
-        source = _source(cache, "train", stage, c.seed * 100 + index)
+        sources = _sources(cache, stage, c.seed * 100 + index, c.scales)
         for batch in zip(
-            range(stage.steps), batches(processor, coordinates, source, c.batch_size, c.seed, True)
+            range(stage.steps), batches(processor, coordinates, sources, c.batch_size, c.seed, True)
         ):
             batch = batch[1]
             for group, peak in zip(optimizer.param_groups, peaks):
@@ -333,6 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default=d.size)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--stages", type=_stages, default=None, help="steps:min:max[:n[:width:height]],...")
+    parser.add_argument(
+        "--scales",
+        type=lambda t: [float(v) for v in t.split(",")],
+        default=d.scales,
+        help="image sizes of every stage as factors of its size, e.g. 0.8,1,1.2,1.4",
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--vision-lr", type=float, default=d.vision_lr)
@@ -353,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size,
         seed=args.seed,
         stages=args.stages or default_curriculum(),
+        scales=args.scales,
         batch_size=args.batch_size,
         lr=args.lr,
         vision_lr=args.vision_lr,

@@ -68,6 +68,7 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     config = TinyPretrain(
         size="xs",
         stages=[Stage(3, 1, 1, 8, 64, 64)],
+        scales=[1.0, 1.5],
         batch_size=2,
         vision_warmup=2,
         cache=str(tmp_path / "sets"),
@@ -79,6 +80,9 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     written = json.loads((out / "scores.json").read_text())
     assert written["steps"] == 3 and set(written["scores"]) == {"few", "crowd"}
     assert 0.0 <= written["scores"]["few"]["f1"] <= 1.0
+    # the stage's 8 images, half at its size and half at 1.5 times it, the first half with the stage's seed
+    trained = sorted(p.name for p in (tmp_path / "sets").iterdir() if p.name.startswith("train"))
+    assert trained == ["train-1-1-64x64-n4-s0", "train-1-1-96x96-n4-s7919"]
     readme = (out / "README.md").read_text()
     assert written["sha256"] in readme and f"python -m dip_r1.pretrain --out {out}" in readme
     write_readme(out, "base", written, "python -m dip_r1.pretrain --out base --seed 0")
