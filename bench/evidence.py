@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--beta", type=float, default=0.04, help="GRPO KL weight (0: no reference pass, KL not measured)"
     )
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the GRPO arms")
-    p.add_argument("--look-weight", type=float, default=1.0, help="weight of the look reward in the dip_r1 arm")
+    p.add_argument(
+        "--look-weight", type=float, default=1.0, help="weight of the look reward in the dip_r1 arm"
+    )
     p.add_argument(
         "--iou-weighted", action="store_true", help="the accuracy reward counts each match by its IoU"
     )
