@@ -140,7 +140,7 @@ def processor_class(path: str | Path) -> str:
 
 def image_processor(path: str | Path):
     """``AutoImageProcessor.from_pretrained``, or, when the folder's ``image_processor_type`` is a class transformers
-    does not have (the published Qwen2.5-VL folders name ``Qwen2_5_VLImageProcessor``, which no release defines),
+    does not have (the published Qwen2.5-VL folders name ``Qwen2_5_VLImageProcessor``, which transformers 5 does not define),
     the image processor transformers maps the config's ``model_type`` to, read from the same file."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
