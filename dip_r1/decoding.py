@@ -14,21 +14,12 @@ original weight tensors back after: the weights after a rollout are the very ten
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-log = logging.getLogger(__name__)
-_logged: set[str] = set()
-
-
-def log_once(message: str) -> None:
-    """Log ``message`` once per process (a fallback taken at every rollout would flood the log)."""
-    if message not in _logged:
-        _logged.add(message)
-        log.warning(message)
+from dip_r1.reuse import fallback_once
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -131,7 +122,7 @@ def merged_lora(model: nn.Module, tokens: int):
                 continue  # the base model (a reference or compare_base pass): nothing to merge
             reason = _merge_blocker(layer)
             if reason is not None:
-                log_once(f"LoRA stays unmerged for rollouts: {reason}")
+                fallback_once(f"LoRA stays unmerged for rollouts: {reason}")
                 continue
             base = layer.get_base_layer()
             out_f, in_f = base.weight.shape

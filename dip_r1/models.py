@@ -96,28 +96,65 @@ def checkpoint_state(state_dict: dict, policy: nn.Module | None, prefix: str = "
 def load_processor(path: str | Path):
     """``AutoProcessor.from_pretrained``, or, where torchvision is missing (the video processor cannot be built),
     the family's processor reassembled from its image processor, tokenizer and chat template."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, processing_utils
+    from transformers import AutoProcessor, AutoTokenizer, processing_utils
 
     path = Path(path)
     try:
         return AutoProcessor.from_pretrained(path)
     except (ImportError, AttributeError, OSError, ValueError, TypeError):
         pass
-    name = json.loads((path / "processor_config.json").read_text())["processor_class"]
     import transformers
 
+    name = processor_class(path)
     cls = getattr(transformers, name)
     # An image-only subclass: ProcessorMixin checks and stores exactly the attributes it lists.
     image_only = type(
         name, (cls,), {"get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"])}
     )
     processor = image_only(
-        image_processor=AutoImageProcessor.from_pretrained(path),
+        image_processor=image_processor(path),
         tokenizer=AutoTokenizer.from_pretrained(path),
         chat_template=chat_template(path),
     )
     assert isinstance(processor, processing_utils.ProcessorMixin)
     return processor
+
+
+def processor_class(path: str | Path) -> str:
+    """The processor class a checkpoint folder names: in ``processor_config.json`` (what transformers writes), else
+    in ``preprocessor_config.json`` or ``tokenizer_config.json`` (where the published Qwen folders name it), else the
+    class transformers maps the config's ``model_type`` to."""
+    path = Path(path)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file() and (cls := json.loads(f.read_text()).get("processor_class")):
+            return cls
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in PROCESSOR_MAPPING_NAMES:
+        raise ValueError(f"{path} names no processor class, and transformers maps none to {model_type!r}")
+    return PROCESSOR_MAPPING_NAMES[model_type]
+
+
+def image_processor(path: str | Path):
+    """``AutoImageProcessor.from_pretrained``, or, when the folder's ``image_processor_type`` is a class transformers
+    does not have (the published Qwen2.5-VL folders name ``Qwen2_5_VLImageProcessor``, which transformers 5 does not define),
+    the image processor transformers maps the config's ``model_type`` to, read from the same file."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except ValueError:
+        classes = IMAGE_PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(path).model_type)
+        if not classes:
+            raise
+    # {"pil": ..., "torchvision": ...}: the PIL one, which needs no torchvision
+    name = classes.get("pil") or next(iter(classes.values())) if isinstance(classes, dict) else classes
+    return getattr(transformers, name).from_pretrained(path)
 
 
 def chat_template(path: str | Path) -> str | None:

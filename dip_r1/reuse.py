@@ -61,7 +61,10 @@ _FALLBACKS: set[str] = set()
 
 
 def fallback_once(reason: str) -> None:
-    """Warn, once per process and reason, that a rollout shortcut falls back to the plain path; returns None."""
+    """Warn, once per process and reason, that a rollout shortcut falls back to the plain path; returns None.
+
+    The one place every shortcut reports its fallback (vision reuse here, the preallocated cache and merged LoRA in
+    :mod:`dip_r1.decoding`): a fallback taken at every rollout would otherwise flood the output."""
     if reason not in _FALLBACKS:
         _FALLBACKS.add(reason)
         warnings.warn(f"{reason} (falling back to the exact, slower path)", stacklevel=3)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dip_r1.decoding import log_once, merged_lora, preallocated_cache
+from dip_r1.decoding import merged_lora, preallocated_cache
 from dip_r1.grpo import completion_mask, token_logprobs
-from dip_r1.reuse import encode_images, repeat_cache, select_image_features
+from dip_r1.reuse import encode_images, fallback_once, repeat_cache, select_image_features
 
 
 @dataclass
@@ -149,7 +149,7 @@ def sample_completions(
         )
         if cache is None:
             if reason is not None:
-                log_once(f"rollouts keep the dynamic KV cache: {reason}")
+                fallback_once(f"rollouts keep the dynamic KV cache: {reason}")
             cache = out.past_key_values
             repeat_cache(cache, group_size)
         logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]

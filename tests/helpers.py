@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from PIL import Image
 
@@ -35,3 +36,86 @@ class Repeat(torch.utils.data.IterableDataset):
     def __iter__(self):
         while True:
             yield self.batch
+
+
+def quiet_trainer(**kw) -> L.Trainer:
+    """A CPU Trainer that writes and prints nothing unless asked (``logger``, ``callbacks``, ``max_steps``...)."""
+    kw.setdefault("logger", False)
+    return L.Trainer(
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+def fit_one_step(module) -> tuple[dict, L.Trainer]:
+    """One real training step of ``module`` on a fixed :func:`prompt_batch`; returns that batch and the Trainer."""
+    module.configure_model()
+    batch = {"inputs": prompt_batch(module.processor), "targets": toy_targets(2)}
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(module, torch.utils.data.DataLoader(Repeat(batch), batch_size=None))
+    return batch, trainer
+
+
+def train_and_save(module, path) -> dict:
+    """One real training step, then a seeded perturbation of every trainable weight (one step may leave LoRA's
+    zero-initialised B at 0 when all advantages vanish, and a zero adapter would make the checks vacuous);
+    save through the Trainer so the module's own checkpoint hook runs. Returns the input batch."""
+    batch, trainer = fit_one_step(module)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    trainer.save_checkpoint(path)
+    return batch
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def synthetic_crowd(root, name: str, seed: int, n: int = 4):
+    """A small seeded synthetic crowd dataset (112 x 84 images, 1 to 3 people) under ``root / name``."""
+    from dip_r1.quickstart import SyntheticCrowd
+
+    return SyntheticCrowd(
+        str(root / name), n=n, seed=seed, width=112, height=84, min_people=1, max_people=3, name=name
+    )
+
+
+def rollout_settings(module, monkeypatch) -> list[dict]:
+    """The keyword arguments of every rollout (``sample_completions``) of one training step of ``module``."""
+    import dip_r1.module
+    from dip_r1.rollout import sample_completions
+
+    seen: list[dict] = []
+
+    def spy(model, inputs, **kw):
+        seen.append(kw)
+        return sample_completions(model, inputs, **kw)
+
+    monkeypatch.setattr(dip_r1.module, "sample_completions", spy)
+    fit_one_step(module)
+    return seen
+
+
+def assert_each_eos_stops(module, inputs: dict) -> None:
+    """Each of the module's EOS ids ends a completion at once when it is the only token that may be sampled."""
+    from dip_r1.rollout import sample_completions
+
+    vocab = module.policy.get_output_embeddings().weight.shape[0]
+    for eos in module.eos_ids:
+        rollout = sample_completions(
+            module.policy,
+            inputs,
+            group_size=2,
+            max_new_tokens=6,
+            eos_token_id=module.eos_ids,
+            pad_token_id=module.pad_id,
+            suppress_token_ids=[i for i in range(vocab) if i != eos],
+        )
+        assert rollout.lengths.tolist() == [1] * 4 and not rollout.truncated.any(), eos

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import lightning as L
 import torch
-from helpers import Repeat, prompt_batch, toy_targets
+from helpers import assert_each_eos_stops, prompt_batch, rollout_settings
 
-import dip_r1.module
-from dip_r1.models import PolicySpec, load_processor
+from dip_r1.models import PolicySpec, load_processor, processor_class
 from dip_r1.module import GRPOModule
-from dip_r1.rollout import sample_completions
 from dip_r1.tiny import CHAT_TEMPLATE
 
 
@@ -64,34 +61,39 @@ def test_recipe_sampling_wins_and_every_eos_id_stops(tiny_qwen2_5_vl, tmp_path, 
     )
     module.configure_model()
     assert module.eos_ids == eos
-    seen: list[dict] = []
-
-    def spy(model, inputs, **kw):
-        seen.append(kw)
-        return sample_completions(model, inputs, **kw)
-
-    monkeypatch.setattr(dip_r1.module, "sample_completions", spy)
-    batch = {"inputs": prompt_batch(module.processor), "targets": toy_targets(2)}
-    L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, torch.utils.data.DataLoader(Repeat(batch), batch_size=None))
+    seen = rollout_settings(module, monkeypatch)
     # the rollout's settings are the recipe's, never the checkpoint's generation defaults
     assert [(kw["temperature"], kw["top_p"], kw["max_new_tokens"]) for kw in seen] == [(0.9, 0.95, 6)]
     assert seen[0]["eos_token_id"] == eos
-    # the second EOS id (<|endoftext|>) ends a completion as the first does: only it may be sampled here
-    vocab = module.policy.config.text_config.vocab_size
-    rollout = sample_completions(
-        module.policy,
-        batch["inputs"],
-        group_size=2,
-        max_new_tokens=6,
-        eos_token_id=module.eos_ids,
-        pad_token_id=module.pad_id,
-        suppress_token_ids=[i for i in range(vocab) if i != eos[1]],
+    # the second EOS id (<|endoftext|>) ends a completion as the first does
+    assert_each_eos_stops(module, prompt_batch(module.processor))
+
+
+def test_processor_class_is_read_where_published_folders_name_it(tmp_path):
+    # transformers writes processor_config.json; the published Qwen folders name the class in
+    # preprocessor_config.json (and some in tokenizer_config.json) only; a folder naming none gets the class
+    # transformers maps its model_type to
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    assert processor_class(tmp_path) == "Qwen3VLProcessor"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    assert processor_class(tmp_path) == "Qwen2VLProcessor"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    assert processor_class(tmp_path) == "Qwen2_5_VLProcessor"
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
+    assert processor_class(tmp_path) == "Qwen3VLProcessor"
+
+
+def test_an_image_processor_type_transformers_lacks_falls_back_to_the_familys(tiny_qwen2_5_vl, tmp_path):
+    # the published Qwen2.5-VL folders name Qwen2_5_VLImageProcessor, a class no transformers release has
+    folder = tmp_path / "published"
+    shutil.copytree(tiny_qwen2_5_vl, folder)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({**pre, "image_processor_type": "Qwen2_5_VLImageProcessor"})
     )
-    assert rollout.lengths.tolist() == [1, 1, 1, 1] and not rollout.truncated.any()
+    processor = load_processor(folder)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert (
+        processor.image_processor.size.longest_edge
+        == load_processor(tiny_qwen2_5_vl).image_processor.size.longest_edge
+    )

@@ -3,14 +3,14 @@ after, and a clean fallback for caches it cannot hold."""
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import pytest
 import torch
 from helpers import prompt_batch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from dip_r1 import decoding
+from dip_r1 import decoding, reuse
 from dip_r1.models import LoraSpec, load_policy
 from dip_r1.rollout import sample_completions
 
@@ -106,7 +106,7 @@ def test_no_merge_for_bases_that_are_not_plain_linear():
     assert "nn.Linear" in decoding._merge_blocker(layers["quantised"])
 
 
-def test_caches_it_cannot_hold_fall_back_to_the_dynamic_cache(tiny_qwen2_vl, monkeypatch, caplog):
+def test_caches_it_cannot_hold_fall_back_to_the_dynamic_cache(tiny_qwen2_vl, monkeypatch):
     sliding = DynamicCache()
     sliding.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
     cache, reason = decoding.preallocated_cache(sliding, 2, 16)
@@ -121,12 +121,13 @@ def test_caches_it_cannot_hold_fall_back_to_the_dynamic_cache(tiny_qwen2_vl, mon
     model.eval()
     inputs = prompt_batch(processor)
     monkeypatch.setattr("dip_r1.rollout.preallocated_cache", lambda *a: (None, "a linear-attention state"))
-    monkeypatch.setattr(decoding, "_logged", set())
-    with caplog.at_level(logging.WARNING, logger="dip_r1.decoding"):
+    monkeypatch.setattr(reuse, "_FALLBACKS", set())  # warned once per process: forget earlier tests' warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         first = _rollout(model, inputs)
         again = _rollout(model, inputs)
-    assert [r.message for r in caplog.records] == [
-        "rollouts keep the dynamic KV cache: a linear-attention state"
+    assert [str(w.message) for w in caught if "KV cache" in str(w.message)] == [
+        "rollouts keep the dynamic KV cache: a linear-attention state (falling back to the exact, slower path)"
     ]  # once, not at every rollout
     assert torch.equal(first.completion_ids, again.completion_ids)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer, synthetic_crowd
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from dip_r1 import evaluation
@@ -19,7 +20,6 @@ from dip_r1.evaluation import Decoded, DetectionEvaluator, make_predictions, spa
 from dip_r1.grpo import token_logprobs
 from dip_r1.models import LoraSpec, PolicySpec
 from dip_r1.module import GRPOModule
-from dip_r1.quickstart import SyntheticCrowd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,21 +128,8 @@ def test_table_shows_base_trained_and_difference(capsys):
     assert "+0.250" in out and "-0.200" in out
 
 
-def _synthetic(tmp_path, name, seed, n=4):
-    return SyntheticCrowd(
-        str(tmp_path / name), n=n, seed=seed, width=112, height=84, min_people=1, max_people=3, name=name
-    )
-
-
 def _trainer(tmp_path, **kw):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=kw.pop("logger", CSVLogger(tmp_path / "logs", name="run")),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    return quiet_trainer(logger=kw.pop("logger", CSVLogger(tmp_path / "logs", name="run")), **kw)
 
 
 def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base(
@@ -155,7 +142,7 @@ def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base
         compare_base=True,
         micro_batch_size=4,
     )
-    data = DetectionDataModule(val=[_synthetic(tmp_path, "crowd", 1, n=3)], batch_size=2)
+    data = DetectionDataModule(val=[synthetic_crowd(tmp_path, "crowd", 1, n=3)], batch_size=2)
     data.connect(module.processor, **module.data_spec())
     (logged,) = _trainer(tmp_path).validate(module, data)
     for metric in ("precision", "recall", "f1", "mean_iou", "count_mae", "format_valid", "ap", "ap50", "mr2"):
@@ -170,7 +157,7 @@ def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base
 def test_predict_writes_pictures_and_jsonl_with_rewards_when_ground_truth_is_known(tiny_qwen2_vl, tmp_path):
     L.seed_everything(0)
     module = GRPOModule(PolicySpec(tiny_qwen2_vl), max_new_tokens=12)
-    annotated = _synthetic(tmp_path, "crowd", 2, n=2)
+    annotated = synthetic_crowd(tmp_path, "crowd", 2, n=2)
     list(annotated)  # generate it, so that its images can be predicted on as a plain folder too
     data = DetectionDataModule(
         predict=[annotated], predict_images=str(tmp_path / "crowd" / "Images" / "*.jpg"), batch_size=2
@@ -200,7 +187,7 @@ def test_callbacks_draw_the_group_and_print_the_completions(tiny_qwen2_vl, tmp_p
         micro_batch_size=8,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
     )
-    data = DetectionDataModule(train=[_synthetic(tmp_path, "crowd", 3)], batch_size=2)
+    data = DetectionDataModule(train=[synthetic_crowd(tmp_path, "crowd", 3)], batch_size=2)
     data.connect(module.processor, **module.data_spec())
     pictures = GroupPictures(every_n_steps=2, min_size=168)
     loggers = [CSVLogger(tmp_path / "logs", name="run"), TensorBoardLogger(tmp_path / "tb", name="run")]

@@ -9,41 +9,12 @@ from argparse import Namespace
 import lightning as L
 import pytest
 import torch
-from helpers import Repeat, prompt_batch, toy_targets
+from helpers import logits, prompt_batch, train_and_save
 
 from dip_r1 import export
 from dip_r1.models import LoraSpec, PolicySpec, load_policy, load_processor
 from dip_r1.module import GRPOModule
 from dip_r1.sft import SFTModule
-
-
-def _train_and_save(module, path) -> dict:
-    """One real training step, then a seeded perturbation of every trainable weight (one step may leave LoRA's
-    zero-initialised B at 0 when all advantages vanish, and a zero adapter would make the checks vacuous);
-    save through the Trainer so the module's own checkpoint hook runs. Returns the input batch."""
-    module.configure_model()
-    batch = {"inputs": prompt_batch(module.processor), "targets": toy_targets(2)}
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(Repeat(batch), batch_size=None))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.policy.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    trainer.save_checkpoint(path)
-    return batch
-
-
-def _logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(**inputs).logits
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +28,8 @@ def lora_run(tiny_model, tmp_path_factory):
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
     ckpt = tmp_path_factory.mktemp("lora") / "last.ckpt"
-    batch = _train_and_save(module, ckpt)
-    return ckpt, batch["inputs"], _logits(module.policy, batch["inputs"])
+    batch = train_and_save(module, ckpt)
+    return ckpt, batch["inputs"], logits(module.policy, batch["inputs"])
 
 
 def test_lora_checkpoint_holds_only_adapters_and_its_spec(lora_run, tiny_model):
@@ -92,13 +63,13 @@ def test_adapter_export_reloads_with_peft_and_transformers(lora_run, tiny_model,
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_model)
-    base_logits = _logits(base, inputs)
+    base_logits = logits(base, inputs)
     assert (base_logits - trained).abs().max() > 1e-3  # the adapter changes the output: the check can fail
     peft_model = PeftModel.from_pretrained(base, out)
-    torch.testing.assert_close(_logits(peft_model, inputs), trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(peft_model, inputs), trained, atol=1e-5, rtol=0)
     # transformers' own peft integration: the folder alone names its base (an absolute path)
     direct = AutoModelForImageTextToText.from_pretrained(out)
-    torch.testing.assert_close(_logits(direct, inputs), trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(direct, inputs), trained, atol=1e-5, rtol=0)
     reloaded = prompt_batch(load_processor(out))
     assert all(torch.equal(reloaded[k], inputs[k]) for k in inputs)
 
@@ -113,7 +84,7 @@ def test_merged_export_is_a_plain_model_with_the_trained_logits(lora_run, tmp_pa
     assert "adapter_config.json" not in names
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(_logits(model, inputs), trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, inputs), trained, atol=1e-5, rtol=0)
     assert torch.equal(prompt_batch(load_processor(out))["input_ids"], inputs["input_ids"])
 
 
@@ -122,8 +93,8 @@ def test_full_finetuning_sft_checkpoint_exports_a_full_model(tiny_qwen2_5_vl, tm
 
     L.seed_everything(0)
     module = SFTModule(PolicySpec(tiny_qwen2_5_vl), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
-    batch = _train_and_save(module, tmp_path / "sft.ckpt")
-    trained = _logits(module.policy, batch["inputs"])
+    batch = train_and_save(module, tmp_path / "sft.ckpt")
+    trained = logits(module.policy, batch["inputs"])
     # SFTModule records no PolicySpec: the base comes from --model (no LoRA weights, so none is needed)
     out = export.main(
         ["--ckpt", str(tmp_path / "sft.ckpt"), "--out", str(tmp_path / "full"), "--model", tiny_qwen2_5_vl]
@@ -131,8 +102,8 @@ def test_full_finetuning_sft_checkpoint_exports_a_full_model(tiny_qwen2_5_vl, tm
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     model = AutoModelForImageTextToText.from_pretrained(out)
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl)
-    assert (_logits(base, batch["inputs"]) - trained).abs().max() > 1e-3
-    torch.testing.assert_close(_logits(model, batch["inputs"]), trained, atol=1e-5, rtol=0)
+    assert (logits(base, batch["inputs"]) - trained).abs().max() > 1e-3
+    torch.testing.assert_close(logits(model, batch["inputs"]), trained, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------- spec lookup, no models
