@@ -57,8 +57,8 @@ class Stage:
 
 
 def default_curriculum() -> list[Stage]:
-    """One figure, then one to three, then one to eight: 3,600 steps at 160x120."""
-    return [Stage(600, 1, 1, 3000), Stage(1500, 1, 3, 4000), Stage(1500, 1, 8, 4000)]
+    """One figure, then one to three, then one to eight: 7,000 steps at 160x120."""
+    return [Stage(700, 1, 1, 3500), Stage(3800, 1, 3, 9000), Stage(2500, 1, 8, 7000)]
 
 
 def held_out_sets(n: int = 64) -> dict[str, Stage]:
