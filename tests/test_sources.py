@@ -467,3 +467,13 @@ def test_the_contributing_example_reader(tmp_path):
     a, b = CSVBoxes(str(tmp_path / "boxes.csv"), str(tmp_path))
     assert a.image_path == tmp_path / "a.jpg" and a.boxes.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert b.labels == ["dog"]
+
+
+def test_image_folder_that_matches_nothing_says_so(tmp_path):
+    import pytest
+
+    from dip_r1.data import ImageFolder
+
+    for pattern in (tmp_path, tmp_path / "missing" / "*.jpg"):
+        with pytest.raises(FileNotFoundError, match="no images at"):
+            list(ImageFolder(pattern))

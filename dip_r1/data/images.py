@@ -36,11 +36,15 @@ class ImageFolder:
         self.pattern = str(pattern)
 
     def paths(self) -> list[Path]:
-        """The image files, sorted."""
+        """The image files, sorted; none is an error (a mistyped path would otherwise predict on nothing)."""
         root = Path(self.pattern)
         if root.is_dir():
-            return sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        return sorted(Path(p) for p in glob.glob(self.pattern, recursive=True))
+            found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found = sorted(Path(p) for p in glob.glob(self.pattern, recursive=True))
+        if not found:
+            raise FileNotFoundError(f"no images at {self.pattern!r}: expected a folder of images or a glob")
+        return found
 
     def __iter__(self) -> Iterator[DetectionSample]:
         for path in self.paths():
