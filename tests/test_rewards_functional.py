@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dip_r1.rewards.functional import (
+    inspection_accuracy,
     look_reward,
     match_boxes,
     match_detections,
@@ -168,6 +169,25 @@ def test_rule4_agreement_or_no_look_gives_zero():
     assert look_reward([None, None], [torch.tensor([[0.0, 0, 4, 4]])] * 2, (4, 4), grid=4).tolist() == [0, 0]
     empty_look = [torch.zeros((0, 4))] * 4
     assert look_reward(ANSWERS, empty_look, (4, 4), grid=4).tolist() == [0, 0, 0, 0]
+
+
+def test_inspection_accuracy_scores_the_answer_inside_the_looked_regions():
+    gt = strip((0, 10), (20, 30), (40, 50))
+    look = torch.tensor([[0.0, 0, 32, 10]])  # holds the centres of the first two objects (5, 25), not 45
+    # Answer: the first object right, a made-up box at 12-18 (centre 15, inside), the third object (outside).
+    answer = strip((0, 10), (12, 18), (40, 50))
+    # Inside: 2 answers, 2 objects, 1 match: precision 1/2, recall 1/2.
+    assert inspection_accuracy(answer, look, gt) == 0.5
+    assert inspection_accuracy(strip((0, 10), (20, 30)), look, gt) == 1.0  # what lies outside never counts
+    assert (
+        inspection_accuracy(strip((40, 50)), torch.tensor([[60.0, 0, 70, 10]]), gt) == 1.0
+    )  # empty, left empty
+    assert inspection_accuracy(strip((60, 70)), torch.tensor([[60.0, 0, 70, 10]]), gt) == 0.5  # made up there
+    assert inspection_accuracy(answer, None, gt) == 0.0  # no look
+    assert inspection_accuracy(answer, torch.zeros((0, 4)), gt) == 0.0
+    assert inspection_accuracy(None, look, gt) == 0.0  # no answer
+    # An unmatched box in an ignore region counts neither way, as in the accuracy reward.
+    assert inspection_accuracy(strip((0, 10), (12, 18)), look, gt[:1], strip((11, 19))) == 1.0
 
 
 # --- properties ------------------------------------------------------------------------------------

@@ -137,6 +137,29 @@ def test_suite_weights_and_parsed_input():
         RewardSuite({"total": FormatReward()})
 
 
+def test_look_reward_resolved_by_the_answer_inside_the_look():
+    parsed = [parse_completion(t) for t in TEXTS]
+    # Inside each look: completion 0 answers its one object exactly (1.0); completion 2 finds one of the
+    # two objects whose centre is inside (.75); 1 and 3 have no look.
+    values = LookReward(grid=4, resolve=True)(parsed, TARGETS, 2)
+    assert values.tolist() == [1.0, 0.0, 0.75, 0.0]
+
+
+def test_suite_gates_a_reward_by_another():
+    suite = RewardSuite(
+        {"look": LookReward(grid=4), "accuracy": PrecisionRecallReward()}, gates={"look": "accuracy"}
+    )
+    out = suite(TEXTS, TARGETS, 2)
+    assert out["look"].tolist() == LOOK  # logged as scored
+    gated = [lk * a + a for lk, a in zip(LOOK, ACCURACY)]
+    assert out["total"].tolist() == pytest.approx(gated)  # [2, 0, 1.5, 0]
+    suite(TEXTS[:2], TARGETS[:1], 2)
+    assert suite.compute()["total"].item() == pytest.approx((sum(gated) + sum(gated[:2])) / 6)
+    for bad in ({"look": "look"}, {"look": "nope"}, {"nope": "accuracy"}):
+        with pytest.raises(ValueError, match="gates"):
+            RewardSuite({"look": LookReward(), "accuracy": PrecisionRecallReward()}, gates=bad)
+
+
 class ThinkLengthReward(GroupReward):
     """A user reward: 1.0 when the think block has at least ``min_words`` words."""
 

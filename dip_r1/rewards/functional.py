@@ -150,6 +150,46 @@ def precision_recall_reward(
     return (precision_weight * precision + recall_weight * recall) / (precision_weight + recall_weight)
 
 
+def inspection_accuracy(
+    pred: Tensor | np.ndarray | None,
+    look: Tensor | np.ndarray | None,
+    gt: Tensor | np.ndarray,
+    ignore: Tensor | np.ndarray | None = None,
+    *,
+    iou_threshold: float = 0.5,
+) -> float:
+    """How right the answer is inside the looked regions: :func:`precision_recall_reward` of the answer
+    boxes against the ground-truth boxes, both restricted to those whose centre lies in a look box.
+
+    A looked region with no object and no answer box there is resolved (1.0); no look or no parseable
+    answer gives 0.0.
+
+    >>> gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
+    >>> look = torch.tensor([[0.0, 0, 12, 12]])  # holds the first object only
+    >>> inspection_accuracy(torch.tensor([[0.0, 0, 10, 10], [1.0, 1, 9, 9]]), look, gt)  # a duplicate
+    0.75
+    """
+    look = as_numpy_boxes(look)
+    if pred is None or len(look) == 0:
+        return 0.0
+    pred, gt = as_numpy_boxes(pred), as_numpy_boxes(gt)
+    return precision_recall_reward(
+        pred[_centres_inside(pred, look)], gt[_centres_inside(gt, look)], ignore, iou_threshold=iou_threshold
+    )
+
+
+def _centres_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """``bool[N]``: the centre of ``boxes[n]`` lies inside one of ``regions``."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = (
+        (cx[:, None] >= regions[None, :, 0])
+        & (cx[:, None] <= regions[None, :, 2])
+        & (cy[:, None] >= regions[None, :, 1])
+        & (cy[:, None] <= regions[None, :, 3])
+    )
+    return inside.any(1)
+
+
 def rasterize_boxes(boxes: list[Tensor | None], image_size: tuple[float, float], grid: int = 32) -> Tensor:
     """``Tensor[len(boxes), grid, grid]`` bool: cell ``[g, y, x]`` is covered when its centre lies in
     one of ``boxes[g]`` (None: no box).

@@ -23,12 +23,18 @@ class LookReward(GroupReward):
     """Reward for looking where the group's answers disagree (see ``functional.look_reward``)."""
 
     def __init__(
-        self, grid: int = 32, mode: Literal["f1", "focus", "coverage"] = "f1", **kwargs: Any
+        self,
+        grid: int = 32,
+        mode: Literal["f1", "focus", "coverage"] = "f1",
+        resolve: bool = False,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
             grid: Cells per side of the lattice the boxes are rasterised on.
             mode: ``"f1"`` (harmonic mean of focus and coverage), ``"focus"`` or ``"coverage"``.
+            resolve: Multiply each completion's look reward by how right its answer is inside the regions it
+                looked at (``functional.inspection_accuracy``): an inspection counts once it is resolved.
             kwargs: Passed to ``torchmetrics.Metric``.
         """
         super().__init__(**kwargs)
@@ -36,13 +42,22 @@ class LookReward(GroupReward):
             raise ValueError(f"invalid grid={grid} or mode={mode!r}")
         self.grid = grid
         self.mode = mode
+        self.resolve = resolve
 
     def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
         out = []
         for b, target in enumerate(targets):
             group = completions[b * group_size : (b + 1) * group_size]
             answers, looks = [c.answer for c in group], [c.look for c in group]
-            out.append(F.look_reward(answers, looks, target["image_size"], grid=self.grid, mode=self.mode))
+            value = F.look_reward(answers, looks, target["image_size"], grid=self.grid, mode=self.mode)
+            if self.resolve:
+                value = value * torch.tensor(
+                    [
+                        F.inspection_accuracy(a, lk, target["boxes"], target.get("ignore"))
+                        for a, lk in zip(answers, looks)
+                    ]
+                )
+            out.append(value)
         return torch.cat(out) if out else torch.zeros(0)
 
 
