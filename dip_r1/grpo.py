@@ -63,6 +63,23 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     return advantages / (std + eps)
 
 
+def block_advantages(advantages: Tensor, block_advantages: Tensor, block_mask: Tensor) -> Tensor:
+    """Per-token advantages ``Tensor[N, T]``: ``block_advantages[i]`` on the tokens of ``block_mask[i]``,
+    ``advantages[i]`` (or ``advantages[i, t]``) on every other token.
+
+    ``advantages``: ``Tensor[N]`` or ``Tensor[N, T]``; ``block_advantages``: ``Tensor[N]``; ``block_mask``:
+    ``Tensor[N, T]`` bool. With a reward
+    that scores one block of the completion, ``block_advantages`` come from every reward and ``advantages``
+    from the others: the reward reaches only the tokens of the block it scores.
+
+    >>> block_advantages(torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.5]), torch.tensor([[0, 1], [0, 1]]).bool())
+    tensor([[ 1.0000,  2.0000],
+            [-1.0000,  0.5000]])
+    """
+    rest = advantages if advantages.dim() == 2 else advantages[:, None]  # [N, T] or [N, 1]
+    return torch.where(block_mask, block_advantages[:, None].to(rest), rest).expand_as(block_mask)  # [N, T]
+
+
 def zero_std_mask(rewards: Tensor, group_size: int) -> Tensor:
     """``Tensor[B*G]`` bool: the completion's group has all rewards equal (so zero advantage).
 
@@ -174,7 +191,8 @@ def clipped_surrogate(
 ) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate loss per token, ``-min(r A, clip(r, 1 - el, 1 + eh) A)``.
 
-    ``logp``, ``old_logp``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` (one per completion);
+    ``logp``, ``old_logp``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` (one per completion) or
+    ``Tensor[N, T]`` (one per token, :func:`block_advantages`);
     ``r = exp(logp - old_logp)``. Returns ``(per_token_loss Tensor[N, T], clipped Tensor[N, T]
     bool)``; ``clipped`` marks tokens whose clipped term is active (zero gradient), as TRL counts.
 
@@ -182,7 +200,7 @@ def clipped_surrogate(
     >>> loss, clipped
     (tensor([[-1.2000, -0.5000]]), tensor([[ True, False]]))
     """
-    adv = advantages.reshape(-1, 1)  # [N, 1]
+    adv = advantages if advantages.dim() == 2 else advantages.reshape(-1, 1)  # [N, T] or [N, 1]
     ratio = torch.exp(logp - old_logp)  # [N, T]
     unclipped = ratio * adv
     clipped_term = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
@@ -259,7 +277,8 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss: clipped surrogate + ``beta`` x k3 KL, masked and aggregated.
 
-    ``logp``, ``old_logp``, ``ref_logp``, ``mask``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]``.
+    ``logp``, ``old_logp``, ``ref_logp``, ``mask``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` or
+    ``Tensor[N, T]``.
     ``weights``: this micro-batch's rows of :func:`token_weights` of the full batch; when ``None``
     they are computed from ``mask`` (the batch is the whole batch). The KL term is added only when
     ``beta > 0``. Stats (detached, means over this call's masked tokens): "kl" (0 when

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dip_r1 import evaluation, grpo
 from dip_r1.callbacks import RolloutRecord
+from dip_r1.credit import credited_advantages
 from dip_r1.models import (
     CheckpointBuilder,
     PolicySpec,
@@ -241,6 +242,18 @@ class GRPOModule(L.LightningModule):
         )
         total = scores["total"].to(self.device)
         advantages = grpo.group_advantages(total, G, scale=hp.scale_rewards)  # [B*G]
+        # a reward credited to one block (``rewards.credit``) reaches only its tokens: [B*G, T] then
+        advantages = credited_advantages(
+            self.rewards,
+            scores,
+            advantages,
+            self.tokenizer,
+            rollout.completion_ids,
+            rollout.mask,
+            parsed,
+            G,
+            hp.scale_rewards,
+        )
 
         mask = rollout.mask
         if hp.mask_truncated:

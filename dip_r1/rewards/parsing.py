@@ -51,6 +51,9 @@ class ParsedCompletion:
     """Exactly the condition of :func:`dip_r1.rewards.functional.format_reward`."""
     answer_spans: list[tuple[int, int]] | None = None
     """``(start, end)`` character offsets in ``text`` of the text spelling each ``answer`` row."""
+    block_spans: dict[str, tuple[int, int]] | None = None
+    """``{"think" | "look" | "answer": (start, end)}``: character offsets in ``text`` of each block's content
+    (between its tags; an unclosed block ends where the next one opens)."""
 
 
 def parse_completion(
@@ -68,6 +71,8 @@ def parse_completion(
     (True, [[1.0, 2.0, 3.0, 4.0]], ['person'], [(75, 87)])
     >>> p.text[75:87]
     '[1, 2, 3, 4]'
+    >>> p.block_spans["look"], p.text[slice(*p.block_spans["look"])]
+    ((32, 46), '[[0, 0, 5, 5]]')
     >>> parse_completion('<answer>[[1, 2, 3, 4], [5, 5, 5, 9]').answer.tolist()
     [[1.0, 2.0, 3.0, 4.0]]
     """
@@ -88,7 +93,8 @@ def _parse(text: str, max_chars: int, max_boxes: int) -> ParsedCompletion:
     look, _, _, look_ok = _boxes(s, blocks["look"], max_boxes)
     answer, spans, labels, answer_ok = _boxes(s, blocks["answer"], max_boxes)
     well_formed = len(text) <= max_chars and look_ok and answer_ok and _layout_ok(s, tags)
-    return ParsedCompletion(text, think, look, answer, labels, well_formed, spans)
+    present = {tag: span for tag, span in blocks.items() if span is not None}
+    return ParsedCompletion(text, think, look, answer, labels, well_formed, spans, present)
 
 
 def _block(s: str, tag: str, tags: list[tuple[str, int, int]]) -> tuple[int, int] | None:
