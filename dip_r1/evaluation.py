@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from dip_r1.boxes import box_iou
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import to_image_coords
 from dip_r1.metrics import DetectionMetrics
@@ -33,9 +34,23 @@ from dip_r1.models import is_peft
 from dip_r1.rewards import ParsedCompletion, parse_completion
 from dip_r1.rollout import all_logprobs, sample_completions
 
-METRIC_COLUMNS = ("precision", "recall", "f1", "mean_iou", "count_mae", "format_valid", "ap", "ap50", "mr2")
+METRIC_COLUMNS = (
+    "precision",
+    "recall",
+    "f1",
+    "mean_iou",
+    "count_mae",
+    "format_valid",
+    "duplicate_ratio",
+    "look_boxes",
+    "ap",
+    "ap50",
+    "mr2",
+)
 """The metrics the table shows, in order (every computed metric is logged)."""
-LOWER_IS_BETTER = frozenset({"count_mae", "mr2"})
+LOWER_IS_BETTER = frozenset({"count_mae", "mr2", "duplicate_ratio"})
+DUPLICATE_IOU = 0.7
+"""An answer box that overlaps an earlier box of the same answer at this IoU or more is a repeat."""
 _HEADERS = {
     "precision": "precision",
     "recall": "recall",
@@ -43,6 +58,8 @@ _HEADERS = {
     "mean_iou": "mean IoU",
     "count_mae": "count error",
     "format_valid": "format valid",
+    "duplicate_ratio": "repeated boxes",
+    "look_boxes": "look boxes",
     "ap": "AP",
     "ap50": "AP50",
     "mr2": "MR-2",
@@ -216,8 +233,22 @@ def base_model(policy: nn.Module, full_base: Callable[[], nn.Module]) -> Iterato
         yield full_base()
 
 
+def repeated_boxes(boxes: Tensor | None, iou: float = DUPLICATE_IOU) -> int:
+    """How many boxes overlap an earlier box of the list at IoU >= ``iou`` (repeats of one object, which the
+    one-to-one matching counts as false positives).
+
+    >>> repeated_boxes(torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 9], [20.0, 0, 30, 10]]))
+    1
+    """
+    if boxes is None or len(boxes) < 2:
+        return 0
+    overlaps = box_iou(boxes, boxes).triu(diagonal=1) >= iou  # [N, N]: pairs (earlier, later)
+    return int(overlaps.any(dim=0).sum())
+
+
 class DetectionEvaluator:
-    """:class:`~dip_r1.metrics.DetectionMetrics` and the format-valid rate per dataset (``target["dataset"]``).
+    """:class:`~dip_r1.metrics.DetectionMetrics`, the format-valid rate, the share of repeated answer boxes
+    (:func:`repeated_boxes`) and the look boxes per image, per dataset (``target["dataset"]``).
 
     Boxes are compared in original pixels. Metrics sync over DDP ranks when computed; every rank must call
     :meth:`compute`, and the dataset names are gathered first so that a rank that saw no image of a dataset
@@ -232,11 +263,15 @@ class DetectionEvaluator:
         self.metric_kwargs = metric_kwargs
         self.metrics: dict[str, DetectionMetrics] = {}
         self.format_valid: dict[str, MeanMetric] = {}
+        self.duplicate_ratio: dict[str, MeanMetric] = {}
+        self.look_boxes: dict[str, MeanMetric] = {}
 
     def _add(self, dataset: str) -> None:
         if dataset not in self.metrics:
             self.metrics[dataset] = DetectionMetrics(**self.metric_kwargs)
             self.format_valid[dataset] = MeanMetric()
+            self.duplicate_ratio[dataset] = MeanMetric()
+            self.look_boxes[dataset] = MeanMetric()
 
     def update(self, predictions: Sequence[Prediction]) -> None:
         """Add one batch of predictions."""
@@ -249,6 +284,11 @@ class DetectionEvaluator:
             }
             self.metrics[dataset].update([{"boxes": p.boxes, "scores": p.scores}], [gt])
             self.format_valid[dataset].update(float(p.parsed.well_formed))
+            answer, look = p.parsed.answer, p.parsed.look
+            # weighted by the boxes: the share of all answer boxes, whatever the images they are in
+            n = 0 if answer is None else len(answer)
+            self.duplicate_ratio[dataset].update(repeated_boxes(answer) / max(n, 1), weight=n)
+            self.look_boxes[dataset].update(0.0 if look is None else float(len(look)))
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{dataset: {metric: value}}`` over everything since the last reset, plus ``images``."""
@@ -261,6 +301,11 @@ class DetectionEvaluator:
         for dataset in sorted(self.metrics):
             values = {k: float(v) for k, v in self.metrics[dataset].compute().items()}
             values["format_valid"] = float(self.format_valid[dataset].compute())
+            repeated = float(self.duplicate_ratio[dataset].compute())
+            values["duplicate_ratio"] = (
+                repeated if math.isfinite(repeated) else 0.0
+            )  # nan: no answer box at all
+            values["look_boxes"] = float(self.look_boxes[dataset].compute())
             values["images"] = float(self.metrics[dataset].num_images)
             out[dataset] = values
         return out
@@ -269,6 +314,8 @@ class DetectionEvaluator:
         """Forget every dataset."""
         self.metrics.clear()
         self.format_valid.clear()
+        self.duplicate_ratio.clear()
+        self.look_boxes.clear()
 
 
 def flatten(results: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:

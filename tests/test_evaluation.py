@@ -110,6 +110,12 @@ def test_evaluator_reports_each_dataset_in_original_pixels():
     a, b = results["a"], results["b"]
     assert (a["precision"], a["recall"], a["format_valid"], a["images"]) == (1.0, 0.5, 1.0, 1.0)
     assert a["count_mae"] == 1.0 and a["mean_iou"] == pytest.approx(1.0)
+    assert (a["duplicate_ratio"], a["look_boxes"], b["duplicate_ratio"], b["look_boxes"]) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert (b["precision"], b["recall"], b["format_valid"], b["mr2"]) == (
         0.0,
         0.0,
@@ -117,6 +123,23 @@ def test_evaluator_reports_each_dataset_in_original_pixels():
         1.0,
     )  # no answer block
     assert evaluation.flatten(results, "val")["val/a/recall"] == 0.5
+
+
+def test_evaluator_counts_repeated_answer_boxes_and_look_boxes():
+    tokenizer = PieceTokenizer(["x"])
+    # 3 answer boxes, the second a repeat of the first (IoU .9); then 1 box, no repeat. Looks: 2, then 0.
+    first = (
+        "<think>.</think><look>[[0, 0, 10, 10], [5, 5, 9, 9]]</look>"
+        "<answer>[[100, 100, 200, 200], [100, 100, 200, 190], [300, 300, 400, 400]]</answer>"
+    )
+    second = "<think>.</think><look>[]</look><answer>[[100, 100, 200, 200]]</answer>"
+    decoded = [Decoded(t, [0], torch.tensor([-0.1])) for t in (first, second)]
+    targets = [_target(dataset="a", boxes=[[100, 100, 200, 200]]) for _ in range(2)]
+    evaluator = DetectionEvaluator()
+    evaluator.update(make_predictions(tokenizer, decoded, targets))
+    a = evaluator.compute()["a"]
+    assert a["duplicate_ratio"] == pytest.approx(1 / 4)  # of all 4 answer boxes
+    assert a["look_boxes"] == 1.0
 
 
 def test_table_shows_base_trained_and_difference(capsys):
@@ -145,7 +168,7 @@ def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base
     data = DetectionDataModule(val=[synthetic_crowd(tmp_path, "crowd", 1, n=3)], batch_size=2)
     data.connect(module.processor, **module.data_spec())
     (logged,) = _trainer(tmp_path).validate(module, data)
-    for metric in ("precision", "recall", "f1", "mean_iou", "count_mae", "format_valid", "ap", "ap50", "mr2"):
+    for metric in evaluation.METRIC_COLUMNS:
         assert f"val/crowd/{metric}" in logged and f"val_base/crowd/{metric}" in logged, metric
     assert logged["val/crowd/images"] == 3
     # fresh LoRA adapters are zero: the trained and the base model answer alike
