@@ -153,6 +153,18 @@ def markdown(
     for arm, per_set in table.items():
         seeds = [", ".join("-" if v is None else f"{v:.3f}" for v in per_set[s]["f1"]["seeds"]) for s in sets]
         lines.append(f"| {arm} | " + " | ".join(seeds) + " |")
+    stats = diagnostics.get("answers", {})
+    if stats:
+        lines += [
+            "",
+            "Greedy answers: share of answer boxes repeating an earlier one (IoU >= 0.7), look boxes per image:",
+            "",
+            "| arm | " + " | ".join(f"{s} repeated ↓ | {s} look boxes" for s in sets) + " |",
+            "|---|" + "---|" * (2 * len(sets)),
+        ]
+        for arm, per_set in stats.items():
+            cells = [_cell(per_set[s][k]) for s in sets for k in ("duplicate_ratio", "look_boxes")]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Training (means over steps and seeds; zero-std: share of groups whose G rewards were equal):",

@@ -30,6 +30,9 @@ from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, Rewa
 ARMS = ("base", "sft", "dip_r1", "no_look", "accuracy_only")
 SETS = ("in_domain", "out_of_domain")
 METRICS = ("precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid")
+ANSWER_STATS = ("duplicate_ratio", "look_boxes")
+"""What the answers look like (``dip-r1 validate`` logs them too): the share of answer boxes that repeat an earlier
+one (IoU >= 0.7) and the look boxes per image; in ``diagnostics.json``, not ``results.json``."""
 REWARD_WEIGHTS = {
     "dip_r1": {"format": 1.0, "look": 1.0, "accuracy": 1.0},
     "no_look": {"format": 1.0, "look": 0.0, "accuracy": 1.0},
@@ -133,6 +136,15 @@ class Budget:
     """Weight of the look reward in the ``dip_r1`` arm (the other arms weight it 0)."""
     iou_weighted: bool = False
     """The accuracy reward counts a match by its IoU instead of 1 (``PrecisionRecallReward(iou_weighted)``)."""
+    look_gate: str | None = None
+    """A reward the ``dip_r1`` arm's look reward is multiplied by in the total (``RewardSuite(gates)``), or None."""
+    look_mode: str = "f1"
+    """The look reward's ``mode`` (``LookReward(mode)``)."""
+    look_credit: bool = True
+    """The look reward's advantage reaches only the tokens of the look block (``RewardSuite(credit)``)."""
+    look_resolve: bool = True
+    """The look reward counts only as much as the answer is right inside the looked regions
+    (``LookReward(resolve)``)."""
 
 
 def prompt_builder() -> DetectionPromptBuilder:
@@ -152,10 +164,12 @@ def reward_suite(arm: str, budget: Budget) -> RewardSuite:
     """The three rewards with the arm's weights."""
     rewards = {
         "format": FormatReward(),
-        "look": LookReward(),
+        "look": LookReward(mode=budget.look_mode, resolve=budget.look_resolve),
         "accuracy": PrecisionRecallReward(iou_weighted=budget.iou_weighted),
     }
-    return RewardSuite(rewards, reward_weights(arm, budget.look_weight))
+    gates = {"look": budget.look_gate} if arm == "dip_r1" and budget.look_gate else None
+    credit = {"look": "look"} if arm == "dip_r1" and budget.look_credit else None
+    return RewardSuite(rewards, reward_weights(arm, budget.look_weight), gates, credit)
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -236,7 +250,7 @@ def evaluate(policy: Path, sets: dict[str, SyntheticCrowd], picture: SyntheticCr
     """Greedy answers of the policy at ``policy`` on each held-out set (``dip-r1 validate``'s code path) and on
     the first image of ``picture``.
 
-    Returns ``{"metrics": {set: {metric: value}}, "picture": Prediction}``.
+    Returns ``{"metrics": {set: {metric: value}}, "answers": {set: {stat: value}}, "picture": Prediction}``.
     """
     module = _module("dip_r1", policy, budget, evaluation=True)
     data = DetectionDataModule(
@@ -245,11 +259,12 @@ def evaluate(policy: Path, sets: dict[str, SyntheticCrowd], picture: SyntheticCr
     data.connect(module.processor, **module.data_spec())
     with _quiet_stdout():
         (logged,) = _trainer(logger=False).validate(module, data, verbose=False)
-    metrics = {
-        name: {m: float(logged.get(f"val/{name}/{m}", float("nan"))) for m in METRICS} for name in sets
-    }
+    metrics, answers = (
+        {name: {m: float(logged.get(f"val/{name}/{m}", float("nan"))) for m in keys} for name in sets}
+        for keys in (METRICS, ANSWER_STATS)
+    )
     one = DetectionDataModule(predict=[picture], prompt_builder=prompt_builder(), batch_size=1)
     one.connect(module.processor, **module.data_spec())
     with _quiet_stdout():
         ((prediction, *_),) = _trainer(logger=False, limit_predict_batches=1).predict(module, one)
-    return {"metrics": metrics, "picture": prediction}
+    return {"metrics": metrics, "answers": answers, "picture": prediction}

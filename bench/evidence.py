@@ -73,9 +73,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--iou-weighted", action="store_true", help="the accuracy reward counts each match by its IoU"
     )
+    p.add_argument(
+        "--look-gate",
+        choices=["accuracy", "format"],
+        default=None,
+        help="multiply the dip_r1 arm's look reward by this reward in the total (RewardSuite gates)",
+    )
+    p.add_argument(
+        "--look-mode", choices=["f1", "focus", "coverage"], default="f1", help="the look reward's mode"
+    )
+    p.add_argument(
+        "--look-credit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the look reward's advantage reaches only the look block's tokens (RewardSuite(credit))",
+    )
+    p.add_argument(
+        "--look-resolve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the look reward times the answer's accuracy inside the looked regions (LookReward(resolve))",
+    )
     p.add_argument("--sft-lr", type=float, default=1e-4, help="AdamW learning rate of the SFT arm")
     p.add_argument("--train-images", type=int, default=400, help="images of the training set")
-    p.add_argument("--eval-images", type=int, default=32, help="images of each held-out set")
+    p.add_argument("--eval-images", type=int, default=64, help="images of each held-out set")
     p.add_argument(
         "--eval-max-new-tokens", type=int, default=576, help="longest greedy answer (16 people: ~550 tokens)"
     )
@@ -140,12 +161,17 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         eval_batch_size=args.eval_batch_size,
         look_weight=args.look_weight,
         iou_weighted=args.iou_weighted,
+        look_gate=args.look_gate,
+        look_mode=args.look_mode,
+        look_resolve=args.look_resolve,
+        look_credit=args.look_credit,
     )
     specs = run.data_sets(args.train_images, args.eval_images)
     sources = {name: spec.source(out / "data", name) for name, spec in specs.items()}
     held_out = {name: sources[name] for name in run.SETS}
 
     per_seed: dict = {arm: {} for arm in args.arms}
+    answers: dict = {arm: {} for arm in args.arms}
     seconds: dict = {arm: {} for arm in args.arms}
     pictures: dict = {}
     for seed in range(args.seeds):
@@ -154,10 +180,11 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
             trained = run.train_arm(arm, base, sources["train"], budget, seed, policy, logs)
             if arm == "base" and seed > 0:  # untrained and greedy: every seed would decode the same answers
                 per_seed[arm][seed], seconds[arm][seed] = per_seed[arm][0], {"train": 0.0, "eval": 0.0}
+                answers[arm][seed] = answers[arm][0]
                 continue
             t = time.perf_counter()
             evaluated = run.evaluate(policy, held_out, sources["out_of_domain"], budget)
-            per_seed[arm][seed] = evaluated["metrics"]
+            per_seed[arm][seed], answers[arm][seed] = evaluated["metrics"], evaluated["answers"]
             seconds[arm][seed] = {"train": trained["seconds"], "eval": round(time.perf_counter() - t, 1)}
             pictures.setdefault(arm, evaluated["picture"])  # seed 0's
             f1 = {s: round(v["f1"], 3) for s, v in evaluated["metrics"].items()}
@@ -172,6 +199,8 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "base": {"path": str(base), "origin": base_origin},
         "budget": vars(budget),
         "sets": {name: {**vars(spec), **run.set_stats(sources[name])} for name, spec in specs.items()},
+        # box spamming, repeats and looking show here: what the F1 alone does not say
+        "answers": report.results(answers, args.arms, run.SETS, run.ANSWER_STATS),
         "reward_weights": {arm: run.reward_weights(arm, args.look_weight) for arm in run.REWARD_WEIGHTS},
         # What each arm wrote for the figure's image: box spamming, lost format, truncation show here.
         "picture": {

@@ -58,9 +58,14 @@ def test_quick_run_writes_every_output(tmp_path, capsys, monkeypatch):
         for key in ("completion_length", "truncated_ratio", "kl"):
             assert training[key] is not None
     assert diagnostics["reward_weights"]["accuracy_only"] == {"format": 0.0, "look": 0.0, "accuracy": 1.0}
+    for arm in ARMS:  # what the answers look like, beside the F1
+        for s in SETS:
+            assert set(diagnostics["answers"][arm][s]) == {"duplicate_ratio", "look_boxes"}
+            assert 0.0 <= diagnostics["answers"][arm][s]["duplicate_ratio"]["mean"] <= 1.0
 
     table = (out / "results.md").read_text()
     assert all(f"| {arm} |" in table for arm in ARMS) and "### out_of_domain" in table
+    assert "look boxes" in table
     with Image.open(out / "evidence.png") as image:
         assert image.width >= 1000 and image.height >= 600
 
