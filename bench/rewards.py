@@ -72,7 +72,12 @@ def main() -> None:
     parsed = [parse_completion(t) for t in texts]
     assert all(p.well_formed and len(p.answer) == args.boxes for p in parsed)
     suite, g = RewardSuite(), args.group_size
-    rewards = {"format": FormatReward(), "look": LookReward(), "accuracy": PrecisionRecallReward()}
+    rewards = {
+        "format": FormatReward(),
+        "look": LookReward(),
+        "look_resolved": LookReward(resolve=True),  # the default suite's: the look times the answer inside it
+        "accuracy": PrecisionRecallReward(),
+    }
     cases = {
         "total": lambda: suite(texts, [target], g),
         "parse": lambda: [parse_completion(t) for t in texts],

@@ -25,6 +25,9 @@ Where this differs from the paper and from TRL's ``GRPOTrainer``:
 - By default one gradient step per rollout (``num_iterations = 1``): then ``old_logp`` is
   ``logp.detach()``, the ratio is 1 with the gradient of the plain policy gradient, and clipping
   never fires. Several iterations reuse one rollout with the stored ``old_logp``.
+- Credit: GRPO gives every token its completion's advantage. A reward that scores one block of the
+  completion can instead reach that block's tokens only (:func:`block_advantages`, ``RewardSuite(credit)``,
+  :mod:`dip_r1.credit`); the default suite does so with the look reward (BENCHMARKS.md, issue 10).
 - ``apply_truncation_mask`` drops completions that hit the length limit without an EOS (TRL's
   ``mask_truncated_completions``, recommended by DAPO): their reward judges an unfinished answer.
 """

@@ -107,6 +107,10 @@ def test_mean_over_ranks():
 def test_suite_default_weights_and_total():
     suite = RewardSuite()
     assert list(suite.rewards) == ["format", "look", "accuracy"]
+    # the look reward as measured to work beside the accuracy reward: resolved, credited to its block
+    assert suite.rewards["look"].resolve and suite.credit == {"look": "look"}
+    assert RewardSuite(credit={}).credit == {}
+    assert RewardSuite({"look": LookReward()}).credit == {}  # a suite of your own: GRPO's credit unless asked
     assert isinstance(suite.rewards, torch.nn.ModuleDict)
     out = suite(TEXTS, TARGETS, 2)
     assert out["format"].tolist() == FORMAT and out["accuracy"].tolist() == ACCURACY
