@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from dip_r1 import grpo
-from dip_r1.evaluation import token_char_ends
 from dip_r1.rewards import ParsedCompletion, RewardSuite
 
 
@@ -35,11 +34,23 @@ def block_token_mask(
         if span is None or span[0] >= span[1]:
             continue
         ids = completion_ids[i][mask[i]].tolist()
-        ends = torch.tensor(token_char_ends(tokenizer, ids), dtype=torch.long)  # [T_i]
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        inside = (starts < span[1]) & (ends > span[0]) & (ends > starts)
-        out[i, mask[i].nonzero().squeeze(1)] = inside
+        first = _token_spelling(tokenizer, ids, span[0])
+        last = _token_spelling(tokenizer, ids, span[1] - 1)
+        out[i, mask[i].nonzero().squeeze(1)[first : last + 1]] = True
     return out
+
+
+def _token_spelling(tokenizer: Any, ids: list[int], char: int) -> int:
+    """The index of the token that spells character ``char`` of ``decode(ids)``: the first ``k`` with
+    ``len(decode(ids[: k + 1])) > char``, by bisection (a few decodes of a prefix, not one per token)."""
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=True)) > char:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def credited_advantages(
