@@ -175,7 +175,7 @@ def markdown(
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
     for arm, d in diagnostics["arms"].items():
         t = d["training"]
-        cells = [arm, str(d["train_seconds"]["mean"])]
+        cells = [arm, _num(d["train_seconds"]["mean"])]
         for r in REWARDS:
             x = t.get(f"reward_{r}")
             cells.append(

@@ -35,8 +35,8 @@ class RewardSuite(nn.Module):
     ``<look>`` the advantage of the whole total and every other token the advantage of the total without the
     look reward (``GRPOModule`` does this; :func:`dip_r1.grpo.block_advantages`), so the look reward judges the
     look and not the answer written after it. The default suite does so, with the look reward resolved by the
-    answer (``LookReward(resolve=True)``): as first defined, the look reward lowered the tiny policy's F1 by
-    0.1 (BENCHMARKS.md, issue 10; ``dip_r1.rewards.functional``'s docstring).
+    answer (``LookReward(resolve=True)``): as first defined, the look reward lowered the tiny policy's F1
+    (BENCHMARKS.md, issue 10; ``dip_r1.rewards.functional``'s docstring).
     """
 
     def __init__(
