@@ -301,10 +301,8 @@ class DetectionEvaluator:
         for dataset in sorted(self.metrics):
             values = {k: float(v) for k, v in self.metrics[dataset].compute().items()}
             values["format_valid"] = float(self.format_valid[dataset].compute())
-            repeated = float(self.duplicate_ratio[dataset].compute())
-            values["duplicate_ratio"] = (
-                repeated if math.isfinite(repeated) else 0.0
-            )  # nan: no answer box at all
+            repeated = float(self.duplicate_ratio[dataset].compute())  # nan when no answer held a box
+            values["duplicate_ratio"] = repeated if math.isfinite(repeated) else 0.0
             values["look_boxes"] = float(self.look_boxes[dataset].compute())
             values["images"] = float(self.metrics[dataset].num_images)
             out[dataset] = values

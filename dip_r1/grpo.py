@@ -71,9 +71,8 @@ def block_advantages(advantages: Tensor, block_advantages: Tensor, block_mask: T
     ``advantages[i]`` (or ``advantages[i, t]``) on every other token.
 
     ``advantages``: ``Tensor[N]`` or ``Tensor[N, T]``; ``block_advantages``: ``Tensor[N]``; ``block_mask``:
-    ``Tensor[N, T]`` bool. With a reward
-    that scores one block of the completion, ``block_advantages`` come from every reward and ``advantages``
-    from the others: the reward reaches only the tokens of the block it scores.
+    ``Tensor[N, T]`` bool. With a reward that scores one block of the completion, ``block_advantages`` come
+    from every reward and ``advantages`` from the others: the reward reaches only the tokens of that block.
 
     >>> block_advantages(torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.5]), torch.tensor([[0, 1], [0, 1]]).bool())
     tensor([[ 1.0000,  2.0000],
