@@ -3,8 +3,9 @@
     python bench/evidence.py --seeds 3 [--base data/tiny-qwen3_vl-seeing] [--out runs/evidence] [--quick]
 
 Arms: ``base`` (no training), ``sft`` (SFTModule continued on the training set), ``dip_r1`` (GRPO, format +
-look + accuracy; the look reward resolved by the answer and credited to ``<look>``, as the default reward suite:
-``--no-look-credit --no-look-resolve`` score it as first defined), ``no_look`` (GRPO, format + accuracy), ``accuracy_only`` (GRPO, accuracy alone). Every trained
+look + accuracy; the look reward resolved by the answer and credited to ``<look>``, as in the default reward
+suite: ``--no-look-credit --no-look-resolve`` score it as first defined), ``no_look`` (GRPO, format +
+accuracy), ``accuracy_only`` (GRPO, accuracy alone). Every trained
 arm of a seed sees the same training images in the same order for the same number of optimiser steps, at the
 same learning rate by default. All arms fine-tune every weight, the vision tower included: the tiny base is a
 few million parameters trained from random weights, so LoRA would save nothing and its vision features are as
