@@ -16,6 +16,8 @@ from typing import Literal
 
 LOOK_ARMS = {"format": 1.0, "look": 1.0, "accuracy": 1.0}
 NO_LOOK = {"format": 1.0, "look": 0.0, "accuracy": 1.0}
+TRAINING_ONLY = ("optimizer", "lr_scheduler", "rewards", "loss", "group_size", "num_iterations")
+TRAINING_ONLY_POLICY = ("lora", "quantization", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,12 @@ def eval_model(model: dict, arm: Arm, policy_path: str, eval_sampling: dict) -> 
     arm's policy folder, decoding greedily with ``eval_sampling`` and the arm's look mode."""
     out = copy.deepcopy(model)
     args = out.setdefault("init_args", {})
-    args["policy"] = {**args.get("policy", {}), "path": policy_path}
+    # A saved policy is a plain model (adapters merged): no adapters, no quantisation to train through.
+    policy = {k: v for k, v in args.get("policy", {}).items() if k not in TRAINING_ONLY_POLICY}
+    args["policy"] = {**policy, "path": policy_path}
     args["warm_start"] = None
     args["sampling"] = _with_look_mode(eval_sampling, arm)
     args["eval_do_sample"] = False
-    for key in ("optimizer", "lr_scheduler", "rewards"):  # not used to evaluate: the library's defaults
+    for key in TRAINING_ONLY:  # not used to evaluate (a loss with beta > 0 would copy a reference model)
         args.pop(key, None)
     return out

@@ -21,7 +21,8 @@ VALIDATION = "validation"
 
 
 def overrides(rest: list[str]) -> list[tuple[list[str], object]]:
-    """``--a.b.c VALUE`` (or ``--a.b.c=VALUE``) pairs as ``(["a", "b", "c"], parsed YAML value)``."""
+    """``--a.b.c VALUE`` (or ``--a.b.c=VALUE``) pairs as ``(["a", "b", "c"], parsed YAML value)``; a number
+    among the keys indexes a list (``--data.test.0.init_args.root``)."""
     out, i = [], 0
     while i < len(rest):
         flag = rest[i]
@@ -49,9 +50,12 @@ def load_recipe(args: argparse.Namespace) -> dict:
         pairs.append((["trainer", "max_steps"], args.steps))
     for keys, value in pairs:
         node = recipe
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        try:
+            for key in keys[:-1]:  # a number indexes a list: --data.test.1.init_args.root
+                node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+            node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise SystemExit(f"evidence: error: --{'.'.join(keys)} names no place in {args.config}") from None
     for key in ("train", "val", "test"):
         if not recipe.get("data", {}).get(key):
             raise SystemExit(

@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -47,7 +48,9 @@ def write_config(path: Path, config: dict, header: str) -> Path:
 def build(config: Path, *overrides: str) -> DipR1CLI:
     """Model, data module (connected to the model's processor) and trainer of a config file, as ``dip-r1``
     builds them for a subcommand."""
-    with quiet_stdout():
+    with quiet_stdout(), warnings.catch_warnings():
+        # the script's own command line is not the CLI's: Lightning would warn that both are given
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         return DipR1CLI(
             L.LightningModule,
             DetectionDataModule,

@@ -199,7 +199,7 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
             if name in controls:
                 controls[name][seed] = {s: metrics.get(s, {}) for s in ex.controls}
             if seed == 0:
-                pictures[name] = evaluated["predictions"]
+                pictures[name] = evaluated
             f1 = {s: stats.finite(metrics.get(s, {}).get("f1"), 3) for s in ex.sets}
             run.stderr(
                 {
@@ -261,6 +261,7 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     diagnostics["seconds"] = round(time.perf_counter() - start, 1)
     (out / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
     (out / "results.md").write_text(report.markdown(results, diagnostics, ex.sets, METRICS))
+    pictures = {a: pictures[a] for a in names if a in pictures}  # the table's order
     report.figure(logs, table, ex.sets, pictures, ex.picture_set).save(out / "evidence.png")
     summary = {
         "out": str(out),
