@@ -27,10 +27,10 @@ from dip_r1.data.prompts import DetectionPromptBuilder
 from dip_r1.data.sources import SyntheticCrowd
 from dip_r1.models import PolicySpec
 from dip_r1.module import GRPOModule
-from dip_r1.pretrain import TINY_SYSTEM_PROMPT
 from dip_r1.rewards import functional as F
 from dip_r1.rewards import parse_completion
 from dip_r1.rollout import sample_completions
+from dip_r1.tiny.curriculum import TINY_SYSTEM_PROMPT
 
 
 def completion_stats(parsed, target) -> dict[str, list[float]]:
