@@ -16,6 +16,15 @@ import yaml
 
 from dip_r1.models import has_checkpoint
 
+ALIASES = {
+    "--lr": "--model.init_args.optimizer.init_args.lr",
+    "--beta": "--model.init_args.loss.beta",
+    "--group-size": "--model.init_args.group_size",
+    "--max-new-tokens": "--model.init_args.sampling.max_new_tokens",
+    "--temperature": "--model.init_args.sampling.temperature",
+    "--batch-size": "--data.batch_size",
+}
+"""Short flags of earlier versions, each the recipe key it sets (the GRPO arms' settings)."""
 VALIDATION = "validation"
 """The name every validation source gets: SFT's early stopping watches ``val/validation/f1``."""
 
@@ -25,7 +34,8 @@ def overrides(rest: list[str]) -> list[tuple[list[str], object]]:
     among the keys indexes a list (``--data.test.0.init_args.root``)."""
     out, i = [], 0
     while i < len(rest):
-        flag = rest[i]
+        name, eq, tail = rest[i].partition("=")
+        flag = ALIASES.get(name, name) + eq + tail
         if not flag.startswith("--") or "." not in flag:
             raise ValueError(
                 f"unrecognized argument {flag!r} (recipe overrides look like --model.init_args.x V)"
@@ -36,8 +46,19 @@ def overrides(rest: list[str]) -> list[tuple[list[str], object]]:
             value, i = rest[i + 1], i + 2
         else:
             raise ValueError(f"{flag} needs a value")
-        out.append((flag[2:].split("."), yaml.safe_load(value)))
+        out.append((flag[2:].split("."), _value(value)))
     return out
+
+
+def _value(text: str):
+    """A command-line value as YAML reads it, ``5e-5`` a number too (YAML 1.1 wants ``5.0e-5``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_recipe(args: argparse.Namespace) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _evidence_plan import VALIDATION
 from _evidence_stats import finite
 from PIL import Image, ImageDraw
 
@@ -79,6 +80,9 @@ def training_diagnostics(log: dict[str, list[tuple[int, float]]]) -> dict:
     for key in TRAINING_KEYS:
         if f"train/{key}" in log:
             out[key] = mean(f"train/{key}")
+    validation = log.get(f"val/{VALIDATION}/f1", [])  # GRPO with --grpo-val-every: where F1 stops rising
+    if validation:
+        out["validation_f1"] = {str(step): finite(v) for step, v in validation}  # averaged step by step
     if "train/sft_loss" in log:
         out["sft_loss"] = {
             "first_fifth": mean("train/sft_loss", slice(0, fifth)),

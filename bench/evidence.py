@@ -53,7 +53,11 @@ ANSWER_STATS = ("duplicate_ratio", "look_boxes")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    aliases = ", ".join(f"{k} ({v[2:]})" for k, v in plan.ALIASES.items())
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Any --<recipe key> VALUE overrides the recipe; short forms: {aliases}.",
+    )
     p.add_argument("--config", default=str(RECIPE), help="the experiment's recipe (a dip-r1 fit config)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: the images' order and the sampling")
     p.add_argument("--out", default="runs/evidence", help="output folder")
@@ -166,11 +170,13 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 run.link_base(Path(base), folder)
                 record = {"seconds": 0.0}
             else:
-                config = run.write_config(
-                    folder / "fit.yaml",
-                    ex.fit_config(arm, base, seed, logs),
-                    f"how {name} seed {seed} was trained",
-                )
+                how = f"how {name} seed {seed} was trained (dip-r1 fit --config this file)"
+                if arm.trains == "sft":
+                    how += (
+                        f"\nplus bench/evidence.py's early stopping on val/{plan.VALIDATION}/f1: patience "
+                        f"{args.sft_patience} validations, at least the slowest GRPO arm's training time"
+                    )
+                config = run.write_config(folder / "fit.yaml", ex.fit_config(arm, base, seed, logs), how)
                 stopper = None
                 if arm.trains == "sft":
                     least = max([*grpo_seconds, args.sft_min_seconds])
