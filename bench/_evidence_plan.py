@@ -82,6 +82,12 @@ def load_recipe(args: argparse.Namespace) -> dict:
             raise SystemExit(
                 f"evidence: error: the recipe has no data.{key} (train, validation and test sets)"
             )
+    devices = recipe.get("trainer", {}).get("devices", 1)
+    if devices not in (1, "1") and not (isinstance(devices, list) and len(devices) == 1):
+        # Lightning would start the whole script again in every process
+        raise SystemExit(
+            f"evidence: error: each arm runs on one device (trainer.devices: 1), not {devices!r}"
+        )
     unnamed = [s.get("class_path") for s in recipe["data"]["test"] if not s.get("init_args", {}).get("name")]
     if unnamed:
         raise SystemExit(
@@ -167,7 +173,7 @@ class Experiment:
             "check_val_every_n_epoch",
             "default_root_dir",
         }
-        trainer = {k: v for k, v in self.recipe.get("trainer", {}).items() if k not in drop}
+        trainer = {"devices": 1, **{k: v for k, v in self.recipe.get("trainer", {}).items() if k not in drop}}
         logger = False
         if logs is not None:
             save_dir, name = str(logs.parent), logs.name
@@ -217,11 +223,14 @@ class Experiment:
         """How the experiment evaluated the arm: ``dip-r1 validate --config`` it with ``--data.val``."""
         data = {k: v for k, v in self.recipe["data"].items() if k in ("prompt_builder", "num_workers")}
         data["batch_size"] = self.args.eval_batch_size
-        trainer = self._trainer(None)
-        trainer.pop("devices", None)  # one device: every image's answer comes back to this process
+        # one device and no strategy: every image's answer comes back to this process
+        device = {
+            k: v for k, v in self.recipe.get("trainer", {}).items() if k in ("accelerator", "precision")
+        }
+        trainer = {**device, "devices": 1, **run.QUIET, "enable_checkpointing": False, "logger": False}
         return {
             "seed_everything": 0,
-            "trainer": {**trainer, "devices": 1},
+            "trainer": trainer,
             "model": arms.eval_model(self.recipe["model"], arm, str(policy.resolve()), self.eval_sampling),
             "data": data,
         }

@@ -105,25 +105,6 @@ def mean_of(diagnostics: list[dict]) -> dict:
     return out
 
 
-def set_stats(evaluations: dict, sets: Sequence[str]) -> dict:
-    """Per set, from the first arm that was evaluated on it: images, annotated people and ignore regions per
-    image, and the source and model image sizes (the pixel budget makes the latter alike)."""
-    out = {}
-    for s in sets:
-        predictions = next((e["predictions"][s] for e in evaluations.values() if s in e["predictions"]), [])
-        n = max(len(predictions), 1)
-        sizes = [tuple(p.target.get("orig_size") or ()) for p in predictions]
-        resized = [tuple(p.target.get("resized_size") or ()) for p in predictions]
-        out[s] = {
-            "images": len(predictions),
-            "people_per_image": round(sum(len(p.target["boxes"]) for p in predictions) / n, 2),
-            "ignore_per_image": round(sum(len(p.target.get("ignore", [])) for p in predictions) / n, 2),
-            "source_size": list(max(set(sizes), key=sizes.count)) if sizes else None,
-            "model_size": list(max(set(resized), key=resized.count)) if resized else None,
-        }
-    return out
-
-
 def _cell(row: dict) -> str:
     if row["mean"] is None:
         return "-"

@@ -139,6 +139,46 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_flush_denormal(flushed)
 
 
+def run_arm(
+    ex: plan.Experiment, name: str, seed: int, base: str, grpo_seconds: list[float], earlier: dict | None
+) -> dict:
+    """Train one arm of one seed (``<arm>/seed<k>/``: the policy, ``fit.yaml``, ``validate.yaml``) and
+    evaluate it on the test sets; returns ``{"seconds", "evaluated", "early_stopping"?}``. ``earlier``: the
+    arm's seed-0 evaluation, reused by an untrained arm (greedy answers of the same weights are the same)."""
+    args, arm, out = ex.args, arms.ARMS[name], ex.out
+    folder, logs = out / name / f"seed{seed}", out / "logs" / name / f"seed{seed}"
+    run.remove(folder, logs)
+    if arm.trains == "none":
+        run.link_base(Path(base), folder)
+        record: dict = {"seconds": 0.0}
+    else:
+        how = f"how {name} seed {seed} was trained (dip-r1 fit --config this file)"
+        stopper = None
+        if arm.trains == "sft":
+            how += (
+                f"\nplus bench/evidence.py's early stopping on val/{plan.VALIDATION}/f1: patience "
+                f"{args.sft_patience} validations, at least the slowest GRPO arm's training time"
+            )
+            least = max([*grpo_seconds, args.sft_min_seconds])
+            stopper = run.BestPolicy(f"val/{plan.VALIDATION}/f1", args.sft_patience, least)
+        config = run.write_config(folder / "fit.yaml", ex.fit_config(arm, base, seed, logs), how)
+        record = run.train(config, base, folder, stopper)
+        if arm.trains == "grpo":
+            grpo_seconds.append(record["seconds"])
+    validate = run.write_config(
+        folder / "validate.yaml",
+        ex.validate_config(arm, folder),
+        f"dip-r1 validate --config {folder}/validate.yaml --data.val '[...]'\n"
+        f"evaluates {name} seed {seed} as bench/evidence.py did",
+    )
+    if arm.trains == "none" and earlier is not None:
+        record["evaluated"] = earlier
+    else:
+        picture = ex.picture_set if seed == 0 else None
+        record["evaluated"] = run.evaluate(validate, ex.test_sources(arm), picture)
+    return record
+
+
 def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """Run the arms, evaluate them, write the outputs; return the printed summary."""
     start = time.perf_counter()
@@ -154,68 +194,36 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         run.stderr({"arm": name, "skipped": why})
     names = [a for a in args.arms if a not in skipped]
 
-    per_seed = {a: {} for a in names}
-    answers = {a: {} for a in names}
-    counts = {a: {} for a in names}
-    controls = {a: {} for a in names if arms.ARMS[a].trains == "none"}
+    per_seed: dict = {a: {} for a in names}
+    counts: dict = {a: {} for a in names}
+    controls: dict = {a: {} for a in names if arms.ARMS[a].trains == "none"}
     records: dict = {a: {} for a in names}
-    pictures: dict = {}
+    pictures: dict = {}  # seed 0's evaluations, for the figure
     for seed in range(args.seeds):
-        grpo_seconds: list[float] = []
+        grpo_seconds: list[float] = []  # the least an SFT arm of this seed trains
         for name in arms.order(names):
-            arm = arms.ARMS[name]
-            folder, logs = out / name / f"seed{seed}", out / "logs" / name / f"seed{seed}"
-            run.remove(folder, logs)
-            if arm.trains == "none":
-                run.link_base(Path(base), folder)
-                record = {"seconds": 0.0}
-            else:
-                how = f"how {name} seed {seed} was trained (dip-r1 fit --config this file)"
-                if arm.trains == "sft":
-                    how += (
-                        f"\nplus bench/evidence.py's early stopping on val/{plan.VALIDATION}/f1: patience "
-                        f"{args.sft_patience} validations, at least the slowest GRPO arm's training time"
-                    )
-                config = run.write_config(folder / "fit.yaml", ex.fit_config(arm, base, seed, logs), how)
-                stopper = None
-                if arm.trains == "sft":
-                    least = max([*grpo_seconds, args.sft_min_seconds])
-                    stopper = run.BestPolicy(f"val/{plan.VALIDATION}/f1", args.sft_patience, least)
-                record = run.train(config, base, folder, stopper)
-                if arm.trains == "grpo":
-                    grpo_seconds.append(record["seconds"])
-            validate = run.write_config(
-                folder / "validate.yaml",
-                ex.validate_config(arm, folder),
-                f"dip-r1 validate --config {folder}/validate.yaml --data.val '[...]'\n"
-                f"evaluates {name} seed {seed} as bench/evidence.py did",
-            )
-            if arm.trains == "none" and seed > 0:  # untrained and greedy: every seed decodes the same answers
-                evaluated = records[name][0]["evaluated"]
-            else:
-                evaluated = run.evaluate(
-                    validate, ex.test_sources(arm), ex.picture_set if seed == 0 else None
-                )
-            record["evaluated"] = evaluated
-            records[name][seed] = record
-            metrics = evaluated["metrics"]
-            per_seed[name][seed] = {s: metrics.get(s, {}) for s in ex.sets}
-            answers[name][seed] = per_seed[name][seed]
+            earlier = records[name][0]["evaluated"] if seed else None
+            record = run_arm(ex, name, seed, base, grpo_seconds, earlier)
+            evaluated = record["evaluated"]
+            per_seed[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.sets}
             counts[name][seed] = evaluated["counts"]
             if name in controls:
-                controls[name][seed] = {s: metrics.get(s, {}) for s in ex.controls}
+                controls[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.controls}
             if seed == 0:
                 pictures[name] = evaluated
-            f1 = {s: stats.finite(metrics.get(s, {}).get("f1"), 3) for s in ex.sets}
-            run.stderr(
-                {
-                    "seed": seed,
-                    "arm": name,
-                    "train_s": record["seconds"],
-                    "eval_s": evaluated["seconds"],
-                    "f1": f1,
+            else:  # what the figure does not need
+                record["evaluated"] = {
+                    k: v for k, v in evaluated.items() if k not in ("predictions", "images")
                 }
-            )
+            records[name][seed] = record
+            f1 = {s: stats.finite(per_seed[name][seed][s].get("f1"), 3) for s in ex.sets}
+            progress = {
+                "seed": seed,
+                "arm": name,
+                "train_s": record["seconds"],
+                "eval_s": evaluated["seconds"],
+            }
+            run.stderr({**progress, "f1": f1})
 
     table = stats.results(per_seed, ex.sets, METRICS)
     splits = {
@@ -243,9 +251,9 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "command": command,
         "base": {"path": base, "origin": base_origin},
         "skipped_arms": skipped,
-        "sets": report.set_stats(pictures, ex.sets + ex.controls),
+        "sets": stats.set_stats(pictures, ex.sets + ex.controls),
         "controls": stats.results(controls, ex.controls, METRICS) if ex.controls else {},
-        "answers": stats.results(answers, ex.sets, ANSWER_STATS),
+        "answers": stats.results(per_seed, ex.sets, ANSWER_STATS),
         "reward_weights": {
             a: arms.rewards_config(arms.ARMS[a], ex.levers)["init_args"]["weights"]
             for a in names

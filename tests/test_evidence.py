@@ -62,7 +62,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     arms = _bench("_evidence_arms")
     threads = torch.get_num_threads()
     out = tmp_path / "evidence"
-    every = ["base", "sft", "dip_r1", "no_look", *(a for a in arms.ARMS if a.endswith("zoom"))]
+    every = [a for a in arms.DEFAULT_ARMS if a != "base_zoom"]  # the default arms but one more untrained one
     # No checkpoint at --base: --quick builds a random tiny one under --out (never at --base).
     argv = [
         "--quick",
@@ -105,13 +105,13 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     assert list(splits["controls"]) == ["control_in_domain_320x240"]
 
     diagnostics = json.loads((out / "diagnostics.json").read_text())
-    for arm in ("dip_r1", "no_look"):
+    for arm in (a for a in ran if arms.ARMS[a].trains == "grpo"):
         training = diagnostics["arms"][arm]["training"]
         for reward in ("format", "look", "accuracy"):  # weight-0 rewards are logged too
             assert 0.0 <= training[f"reward_{reward}"]["zero_std_ratio"] <= 1.0
         for key in ("completion_length", "truncated_ratio", "kl"):
             assert training[key] is not None
-    assert diagnostics["reward_weights"]["no_look"] == {"format": 1.0, "look": 0.0, "accuracy": 1.0}
+    assert diagnostics["reward_weights"]["dip_r1"] == {"format": 1.0, "look": 1.0, "accuracy": 1.0}
     for stop in diagnostics["arms"]["sft"]["early_stopping"]:  # SFT chose its checkpoint on validation
         assert stop["monitor"] == "val/validation/f1" and stop["history"] and stop["best_step"] >= 1
         assert stop["min_seconds"] >= max(diagnostics["arms"]["dip_r1"]["train_seconds"]["seeds"]) - 0.1
