@@ -22,6 +22,7 @@ from dip_r1.reuse import encode_images, fallback_once, repeat_cache
 from dip_r1.rewards.parsing import ParsedCompletion
 from dip_r1.scoring import prompt_positions
 from dip_r1.tokens import TokenIds
+from dip_r1.zoom.geometry import CropGeometry
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Rollout:
     image_features: object | None = None
     """The vision encoder's output for the prompts (:func:`encode_images`), reused when completions are
     scored; None where it cannot be reused."""
+    crops: list[list[CropGeometry]] | None = None
+    """Zoom: the crops inserted into each completion, in order (``"region": k`` names the ``k``-th); None in
+    text mode."""
 
     @property
     def lengths(self) -> Tensor:
@@ -65,6 +69,14 @@ class RolloutRecord:
     """One (resized) image per prompt, when the batch carried them."""
     rollout: Rollout | None = field(default=None)
     """The sampled tokens themselves."""
+    sources: list[Image.Image] | None = field(default=None)
+    """One source image per prompt (the decoded dataset image) when the batch carried them (zoom)."""
+
+    @property
+    def crops(self) -> list[list[CropGeometry]]:
+        """The crops each completion was shown (zoom); empty lists in text mode."""
+        crops = self.rollout.crops if self.rollout is not None else None
+        return crops if crops is not None else [[] for _ in self.texts]
 
 
 def _sample(logits: Tensor, temperature: float, top_p: float, do_sample: bool) -> Tensor:
