@@ -301,3 +301,31 @@ def test_arms_are_their_text_arm_plus_the_look_mode():
     suite = text["init_args"]["rewards"]["init_args"]
     assert suite["credit"] == {} and suite["rewards"]["look"]["init_args"] == {"resolve": False}
     assert "credit" not in arms.rewards_config(arms.ARMS["dip_r1"], arms.Levers())["init_args"]  # the default
+
+
+def test_best_policy_stops_after_its_patience_once_the_time_is_spent_and_keeps_the_best():
+    import torch
+
+    run = _bench("_evidence_run")
+
+    class Trainer:  # what the callback reads of a Lightning Trainer
+        sanity_checking, should_stop, global_step = False, False, 0
+        callback_metrics: dict = {}
+
+    class Module:
+        policy = torch.nn.Linear(2, 1)
+
+    trainer, module = Trainer(), Module()
+    stopper = run.BestPolicy("val/validation/f1", patience=2, min_seconds=10.0)
+    for step, f1, trained in ((1, 0.2, 3.0), (2, 0.5, 3.0), (3, 0.4, 3.0), (4, 0.3, 0.5), (5, 0.45, 3.0)):
+        module.policy.weight.data.fill_(step)  # the weights of this step
+        trainer.global_step, trainer.callback_metrics = step, {"val/validation/f1": torch.tensor(f1)}
+        stopper.train_seconds += trained
+        stopper.on_validation_end(trainer, module)
+        # two validations without a new best after step 2, but only 9.5 s trained at step 4: not yet
+        assert trainer.should_stop == (step == 5)
+    stopper.restore(module.policy)
+    assert module.policy.weight.data.tolist() == [[2.0, 2.0]]  # step 2's, the best
+    record = stopper.record()
+    assert (record["best"], record["best_step"], record["stopped_by"]) == (0.5, 2, "patience")
+    assert [h["step"] for h in record["history"]] == [1, 2, 3, 4, 5]
