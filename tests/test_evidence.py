@@ -329,3 +329,37 @@ def test_best_policy_stops_after_its_patience_once_the_time_is_spent_and_keeps_t
     record = stopper.record()
     assert (record["best"], record["best_step"], record["stopped_by"]) == (0.5, 2, "patience")
     assert [h["step"] for h in record["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_missing_base_is_built_by_the_recipes_warm_start(tmp_path):
+    plan = _bench("_evidence_plan")
+    crowd = {
+        "root": str(tmp_path / "crowd"),
+        "n": 2,
+        "width": 64,
+        "height": 48,
+        "min_people": 1,
+        "max_people": 2,
+    }
+    warm = {
+        "class_path": "dip_r1.quickstart.TinySFT",
+        "init_args": {"steps": 1, "batch_size": 2, "data": crowd},
+    }
+    source = [
+        {"class_path": "dip_r1.data.sources.SyntheticCrowd", "init_args": {**crowd, "name": "in_domain"}}
+    ]
+    recipe = {
+        "model": {
+            "class_path": "dip_r1.module.GRPOModule",
+            "init_args": {"policy": {"path": str(tmp_path / "base")}, "warm_start": warm},
+        },
+        "data": {"train": source, "val": source, "test": source},
+    }
+    path, origin = plan.ensure_base(recipe, quick=False, out=tmp_path / "out")
+    assert (path, origin) == (str(tmp_path / "base"), "built by dip_r1.quickstart.TinySFT")
+    assert (tmp_path / "base" / "config.json").is_file()
+    assert plan.ensure_base(recipe, quick=False, out=tmp_path / "out") == (path, "given")
+    del recipe["model"]["init_args"]["warm_start"]
+    recipe["model"]["init_args"]["policy"]["path"] = str(tmp_path / "nothing")
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        plan.ensure_base(recipe, quick=False, out=tmp_path / "out")
