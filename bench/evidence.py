@@ -69,9 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", help="base checkpoint (the recipe's model.init_args.policy.path)")
     p.add_argument("--steps", type=int, help="GRPO optimiser steps (the recipe's trainer.max_steps)")
     p.add_argument("--sft-lr", type=float, default=1e-4, help="AdamW learning rate of the SFT arms")
-    p.add_argument("--sft-val-every", type=int, default=100, help="SFT: validate every this many steps")
     p.add_argument(
-        "--sft-patience", type=int, default=3, help="SFT: stop after this many validations without a new best"
+        "--sft-val-every",
+        type=int,
+        default=200,
+        help="SFT: validate every this many steps (synthetic: an epoch)",
+    )
+    p.add_argument(
+        "--sft-patience", type=int, default=2, help="SFT: stop after this many validations without a new best"
     )
     p.add_argument("--sft-max-steps", type=int, default=5000, help="SFT: stop here in any case")
     p.add_argument(
