@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from dip_r1 import grpo
+from dip_r1 import logprobs
 from dip_r1.grpo import (
     LOSS_TYPES,
     aggregate_loss,
     apply_truncation_mask,
+    cispo_surrogate,
     clipped_surrogate,
     completion_mask,
     group_advantages,
@@ -74,7 +75,7 @@ def test_token_logprobs_by_hand_with_temperature():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_matches_log_softmax_value_and_grad(monkeypatch, dtype):
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 2 * 5 * 7)  # two rows per chunk: 3 chunks for N = 5
+    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 2 * 5 * 7)  # two rows per chunk: 3 chunks for N = 5
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(5, 7, 11, generator=g) * 3).to(dtype)
     labels = torch.randint(0, 11, (5, 7), generator=g)
@@ -210,7 +211,10 @@ def test_micro_batches_sum_to_full_batch_loss(loss_type):
         for mb in (slice(0, 3), slice(3, 4), slice(4, 7))
     ]
     close(sum(parts), full, 1e-6)
-    per_token, _ = clipped_surrogate(logp, old, adv)
+    surrogate = (
+        cispo_surrogate(logp, old, adv, 0.2) if loss_type == "cispo" else clipped_surrogate(logp, old, adv)
+    )
+    per_token, _ = surrogate
     close(full, aggregate_loss(per_token + 0.04 * kl_k3(logp, ref), mask, loss_type, 8), 1e-6)
 
 
