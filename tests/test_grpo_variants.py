@@ -144,19 +144,14 @@ def _trl():
     return grpo_trainer
 
 
-def _trl_trainer(grpo_trainer, logp, entropies, *, loss_type, level, quantile, beta, eps_low, eps_high):
+def _trl_trainer(grpo_trainer, logp, entropies, **settings):
     """The smallest ``self`` on which TRL's unbound ``GRPOTrainer._compute_loss`` runs its own code path: the
-    model forward is replaced by the given log-probs and entropies, the accelerator by one process."""
+    model forward is replaced by the given log-probs and entropies, the accelerator by one process.
+    ``settings``: TRL's attributes of the same names (loss_type, beta, epsilon_low, ...)."""
     trainer = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda model, *args, **kwargs: (logp, entropies, None),
-        top_entropy_quantile=quantile,
         off_policy_mask_threshold=None,
-        importance_sampling_level=level,
-        beta=beta,
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-        loss_type=loss_type,
-        epsilon_low=eps_low,
-        epsilon_high=eps_high,
         use_vllm=False,
         model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
@@ -165,6 +160,7 @@ def _trl_trainer(grpo_trainer, logp, entropies, *, loss_type, level, quantile, b
         _entropy_bonus_enabled=False,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list)},
+        **settings,
     )
     trainer.get_high_entropy_mask = types.MethodType(grpo_trainer.GRPOTrainer.get_high_entropy_mask, trainer)
     return trainer
@@ -190,20 +186,16 @@ CASES = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (1.0, 0.3), (0
 def test_loss_and_gradient_equal_trl(loss_type, level, quantile, beta):
     grpo_trainer = _trl()
     base, old, ref, adv, entropies, mask = _random_batch(CASES.index((loss_type, level, quantile, beta)))
-    eps_low, eps_high = 0.2, (1.5 if loss_type == "cispo" else 0.28)  # both clip some tokens
+    settings = {
+        "loss_type": loss_type,
+        "importance_sampling_level": level,
+        "beta": beta,
+        "epsilon_low": 0.2,
+        "epsilon_high": 1.5 if loss_type == "cispo" else 0.28,  # both clip some tokens
+    }
 
     theirs = base.clone().requires_grad_(True)
-    trainer = _trl_trainer(
-        grpo_trainer,
-        theirs,
-        entropies,
-        loss_type=loss_type,
-        level=level,
-        quantile=quantile,
-        beta=beta,
-        eps_low=eps_low,
-        eps_high=eps_high,
-    )
+    trainer = _trl_trainer(grpo_trainer, theirs, entropies, top_entropy_quantile=quantile, **settings)
     n, t = mask.shape
     inputs = {
         "prompt_ids": torch.zeros(n, 2, dtype=torch.long),
@@ -220,19 +212,9 @@ def test_loss_and_gradient_equal_trl(loss_type, level, quantile, beta):
 
     ours = base.clone().requires_grad_(True)
     keep = high_entropy_mask(entropies, mask, quantile) if quantile < 1 else None
+    ref_logp = ref if beta > 0 else None
     loss, stats = grpo_loss(
-        ours,
-        old,
-        ref if beta > 0 else None,
-        adv,
-        mask,
-        beta=beta,
-        epsilon_low=eps_low,
-        epsilon_high=eps_high,
-        loss_type=loss_type,
-        max_completion_length=MAX_LEN,
-        importance_sampling_level=level,
-        entropy_mask=keep,
+        ours, old, ref_logp, adv, mask, max_completion_length=MAX_LEN, entropy_mask=keep, **settings
     )
     loss.backward()
     close(loss, expected)
