@@ -100,6 +100,13 @@ class RewardSuite(nn.Module):
         self.total.update(total)
         return {"total": total, **out}
 
+    def set_step(self, step: int) -> None:
+        """Tell every reward the optimiser step it scores at (``GroupReward.set_step``); ``GRPOModule`` calls
+        this with its ``global_step`` before scoring each rollout, so a scheduled setting follows training and
+        an exact resume (which restores ``global_step``) restores it too."""
+        for reward in self.rewards.values():
+            reward.set_step(step)
+
     def weighted_total(self, scores: dict[str, Tensor], without: Collection[str] = ()) -> Tensor:
         """The weighted (and gated) sum of ``scores`` over the rewards not in ``without``, ``Tensor[B * G]``."""
         terms = (
