@@ -10,6 +10,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from dip_r1.config import LossConfig
 from dip_r1.grpo import (
     cispo_surrogate,
     clipped_surrogate,
@@ -25,6 +26,14 @@ def close(a, b, tol=1e-6):
     torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=tol, rtol=0)
 
 
+def loss_of(logp, old, ref, adv, mask, weights=None, entropy_mask=None, **config):
+    """``grpo_loss`` with the whole batch's weights for ``config``'s loss type (``LossConfig`` fields)."""
+    config = LossConfig(**config)
+    if weights is None:
+        weights = token_weights(mask, config.loss_type, MAX_LEN)
+    return grpo_loss(logp, old, ref, adv, weights, config, entropy_mask=entropy_mask)
+
+
 # ---------------------------------------------------------------- by hand, no TRL
 
 
@@ -34,14 +43,14 @@ def test_gspo_one_ratio_per_sequence_clipped_and_its_gradient():
     old, mask = torch.zeros(1, 3), torch.tensor([[1, 1, 0]])
     close(log_importance_weights(logp, old, mask, "sequence"), [[math.log(2.0) / 2]])
     # A = +1: sqrt 2 > 1.2 is clipped, loss -1.2 with no gradient
-    loss, stats = grpo_loss(logp, old, None, torch.tensor([1.0]), mask, importance_sampling_level="sequence")
+    loss, stats = loss_of(logp, old, None, torch.tensor([1.0]), mask, importance_sampling_level="sequence")
     close(loss, -1.2)
     close(stats["clip_ratio"], 1.0)
     loss.backward()
     close(logp.grad, [[0.0, 0.0, 0.0]])
     # A = -1: -min(-sqrt 2, -1.2) = sqrt 2; d/dlogp_t = r x (1 / len) x (weight sum 1) = sqrt 2 / 2
     logp.grad = None
-    loss, stats = grpo_loss(logp, old, None, torch.tensor([-1.0]), mask, importance_sampling_level="sequence")
+    loss, stats = loss_of(logp, old, None, torch.tensor([-1.0]), mask, importance_sampling_level="sequence")
     close(loss, math.sqrt(2.0))
     close(stats["clip_ratio"], 0.0)
     loss.backward()
@@ -56,20 +65,20 @@ def test_dapo_is_the_token_mean_of_the_whole_batch():
     # on policy the per-token loss is -A: -1, -1 (2 tokens) and -2 (1 token)
     logp = torch.zeros(2, 2)
     mask, adv = torch.tensor([[1, 1], [1, 0]]), torch.tensor([1.0, 2.0])
-    close(grpo_loss(logp, logp, None, adv, mask, loss_type="dapo")[0], -4 / 3)
-    close(grpo_loss(logp, logp, None, adv, mask, loss_type="grpo")[0], -1.5)  # (-1 + -2) / 2
+    close(loss_of(logp, logp, None, adv, mask, loss_type="dapo")[0], -4 / 3)
+    close(loss_of(logp, logp, None, adv, mask, loss_type="grpo")[0], -1.5)  # (-1 + -2) / 2
     # under DDP each rank divides by the mean token count of the ranks (here 6): the averaged gradient is the
     # mean over all ranks' tokens
     weights = token_weights(mask, "dapo", num_tokens=6.0)
     close(weights, [[1 / 6, 1 / 6], [1 / 6, 0.0]])
-    close(grpo_loss(logp, logp, None, adv, mask, loss_type="dapo", weights=weights)[0], -4 / 6)
+    close(loss_of(logp, logp, None, adv, mask, weights, loss_type="dapo")[0], -4 / 6)
 
 
 def test_cispo_clips_the_weight_but_every_token_keeps_its_gradient():
     logp = torch.log(torch.tensor([[0.5, 0.25]])).requires_grad_(True)
     old = logp.detach() - torch.log(torch.tensor([[1.0, 8.0]]))  # ratios 1 and 8
     adv = torch.tensor([2.0])
-    loss, stats = grpo_loss(logp, old, None, adv, torch.ones(1, 2), loss_type="cispo", epsilon_high=5.0)
+    loss, stats = loss_of(logp, old, None, adv, torch.ones(1, 2), loss_type="cispo", epsilon_high=5.0)
     # token mean of -w A logp: (-1 x 2 x ln 0.5 - 5 x 2 x ln 0.25) / 2
     close(loss, (-2 * math.log(0.5) - 10 * math.log(0.25)) / 2, 1e-5)
     close(stats["clip_ratio"], 0.5)  # the ratio 8 > 5 with A > 0
@@ -77,7 +86,7 @@ def test_cispo_clips_the_weight_but_every_token_keeps_its_gradient():
     close(logp.grad, [[-1.0, -5.0]])  # -w A / 2: the clipped token still has a gradient
     # the clipped PPO surrogate gives the clipped token none
     logp.grad = None
-    grpo_loss(logp, old, None, adv, torch.ones(1, 2), loss_type="dapo", epsilon_high=5.0)[0].backward()
+    loss_of(logp, old, None, adv, torch.ones(1, 2), loss_type="dapo", epsilon_high=5.0)[0].backward()
     close(logp.grad, [[-1.0, 0.0]])
     _, clipped = cispo_surrogate(logp, old, -adv, 5.0)
     assert not clipped.any()  # a negative advantage is never counted as clipped
@@ -108,7 +117,7 @@ def test_high_entropy_mask_and_loss_on_those_tokens_only():
     # the surrogate counts on kept tokens only, the weights and the KL on all: "dapo" divides by 5
     logp, ref = torch.zeros(2, 3), torch.full((2, 3), -1.0)  # k3 = 1/e per token
     adv = torch.tensor([1.0, 3.0])
-    loss, _ = grpo_loss(logp, logp, ref, adv, mask, beta=0.5, loss_type="dapo", entropy_mask=keep)
+    loss, _ = loss_of(logp, logp, ref, adv, mask, entropy_mask=keep, beta=0.5, loss_type="dapo")
     close(loss, (-3.0 - 3.0 + 5 * 0.5 / math.e) / 5)
 
 
@@ -213,9 +222,7 @@ def test_loss_and_gradient_equal_trl(loss_type, level, quantile, beta):
     ours = base.clone().requires_grad_(True)
     keep = high_entropy_mask(entropies, mask, quantile) if quantile < 1 else None
     ref_logp = ref if beta > 0 else None
-    loss, stats = grpo_loss(
-        ours, old, ref_logp, adv, mask, max_completion_length=MAX_LEN, entropy_mask=keep, **settings
-    )
+    loss, stats = loss_of(ours, old, ref_logp, adv, mask, entropy_mask=keep, **settings)
     loss.backward()
     close(loss, expected)
     close(ours.grad, theirs.grad)

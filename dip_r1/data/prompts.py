@@ -140,6 +140,17 @@ def format_answer(boxes: Tensor, labels: Sequence[str]) -> str:
     return json.dumps([{"bbox_2d": row, "label": label} for row, label in zip(rows, labels, strict=True)])
 
 
+def format_completion(think: str, look: Tensor, boxes: Tensor, labels: Sequence[str]) -> str:
+    """A whole Think-Look-Answer completion: the grammar :func:`dip_r1.rewards.parse_completion` reads.
+
+    >>> print(format_completion("1 person.", torch.zeros(0, 4), torch.tensor([[1.0, 2, 3, 4]]), ["person"]))
+    <think>1 person.</think>
+    <look>[]</look>
+    <answer>[{"bbox_2d": [1, 2, 3, 4], "label": "person"}]</answer>
+    """
+    return f"<think>{think}</think>\n<look>{format_boxes(look)}</look>\n<answer>{format_answer(boxes, labels)}</answer>"
+
+
 @dataclass
 class Prompt:
     """One model input before tokenisation."""
