@@ -81,7 +81,8 @@ def shared_prefix_logprobs(
     group_size: int,
     temperature: float = 1.0,
     image_features=None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`completion_logprobs` for whole groups, running each prompt once instead of once per completion.
 
     ``prompt_index`` holds ``n / group_size`` prompts, each on ``group_size`` contiguous rows. The prompt runs
@@ -120,7 +121,7 @@ def shared_prefix_logprobs(
         input_ids=completion_ids, attention_mask=attention, past_key_values=cache, use_cache=True, **extra
     ).logits  # [n, T, V]
     logits = torch.cat([first, rest[:, :-1]], dim=1)  # [n, T, V]: position t predicts token t + 1
-    return token_logprobs(logits, completion_ids, temperature)
+    return token_logprobs(logits, completion_ids, temperature, with_entropy=with_entropy)
 
 
 def completion_logprobs(
@@ -133,14 +134,16 @@ def completion_logprobs(
     temperature: float = 1.0,
     image_features=None,
     share_prefix: bool = True,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens, ``Tensor[n, T]``, for one micro-batch of ``n`` completions.
 
     Only the last ``T + 1`` positions' logits are computed (``logits_to_keep``), so ``[n, prompt, vocab]``
     never exists. Gradients flow when the caller enables them. ``image_features`` (``Rollout.image_features``)
     replaces the images: the vision encoder does not run again. With ``share_prefix``, a micro-batch of whole
     groups (several contiguous rows per prompt) runs each prompt once (:func:`shared_prefix_logprobs`),
-    except under gradient checkpointing, which cannot keep a KV cache.
+    except under gradient checkpointing, which cannot keep a KV cache. ``with_entropy``: also each position's
+    entropy, ``(logp, entropy)`` (:func:`dip_r1.grpo.token_logprobs`, from the same logits).
     """
     group = _group_size(prompt_index) if share_prefix else None
     if group is not None and group > 1 and not _checkpointing(model):
@@ -153,6 +156,7 @@ def completion_logprobs(
             group_size=group,
             temperature=temperature,
             image_features=image_features,
+            with_entropy=with_entropy,
         )
     if image_features is not None:
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
@@ -170,7 +174,7 @@ def completion_logprobs(
     logits = model(
         input_ids=ids, attention_mask=attention, logits_to_keep=t + 1, use_cache=False, **extra
     ).logits
-    return token_logprobs(logits[:, :-1], completion_ids, temperature)  # [n, T]
+    return token_logprobs(logits[:, :-1], completion_ids, temperature, with_entropy=with_entropy)  # [n, T]
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

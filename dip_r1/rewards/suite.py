@@ -111,16 +111,37 @@ class RewardSuite(nn.Module):
             return total
         if block_mask is None:
             raise ValueError("a suite that credits a reward to a block needs block_mask")
-        outside = grpo.group_advantages(
-            self.weighted_total(scores, without=set(self.credit)), group_size, scale
-        )
-        out = outside.to(total)  # [N], then [N, T]
-        for block in dict.fromkeys(self.credit.values()):
-            others = {name for name, b in self.credit.items() if b != block}
-            inside = grpo.group_advantages(self.weighted_total(scores, without=others), group_size, scale)
-            tokens = block_mask(block)
-            out = grpo.block_advantages(out, inside.to(total), tokens.to(total.device))
+        outside, inside = self._credited_totals(scores)
+        out = grpo.group_advantages(outside, group_size, scale).to(total)  # [N], then [N, T]
+        for block, values in inside.items():
+            advantages = grpo.group_advantages(values, group_size, scale)
+            out = grpo.block_advantages(out, advantages.to(total), block_mask(block).to(total.device))
         return out
+
+    def _credited_totals(self, scores: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The partial totals a credited suite takes advantages of: the rewards credited to no block (for the
+        tokens outside every credited block), and per block the rewards not credited elsewhere."""
+        outside = self.weighted_total(scores, without=set(self.credit))
+        inside = {
+            block: self.weighted_total(scores, without={n for n, b in self.credit.items() if b != block})
+            for block in dict.fromkeys(self.credit.values())
+        }
+        return outside, inside
+
+    def flat_groups(self, scores: dict[str, Tensor], group_size: int) -> Tensor:
+        """``Tensor[B]`` bool: groups whose every advantage is 0 (:meth:`advantages`), so that they give the loss
+        nothing but the KL term: the total, and with credit each partial total it takes, is equal over the group.
+
+        >>> suite = RewardSuite({"a": FormatReward()})
+        >>> suite.flat_groups({"total": torch.tensor([1.0, 1.0, 0.0, 1.0]), "a": torch.zeros(4)}, 2).tolist()
+        [True, False]
+        """
+        series = [scores["total"]]
+        if self.credit:
+            outside, inside = self._credited_totals(scores)
+            series += [outside, *inside.values()]
+        flat = [grpo.zero_std_mask(values, group_size).view(-1, group_size)[:, 0] for values in series]
+        return torch.stack(flat).all(dim=0)
 
     def compute(self) -> dict[str, Tensor]:
         """Mean of each reward since the last reset, and the mean of the totals as ``"total"``."""
