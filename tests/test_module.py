@@ -81,6 +81,7 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
         "train/reward_digits",
         "train/kl",
         "train/clip_ratio",
+        "train/entropy",
         "train/completion_length",
         "train/truncated_ratio",
         "train/zero_std_ratio",
