@@ -32,6 +32,9 @@ Where this differs from the paper and from TRL's ``GRPOTrainer``:
   logits; ``top_entropy_quantile < 1`` keeps the surrogate (not the KL term) on the tokens at or above
   that quantile of the micro-batch's entropies only (:func:`high_entropy_mask`, "Beyond the 80/20
   rule", arXiv 2506.01939), as TRL takes it over its per-device batch.
+- Dynamic sampling (DAPO; verl's ``filter_groups``) is not a loss term: ``GRPOModule(dynamic_sampling=True)``
+  leaves out groups whose advantages are all 0 (:func:`zero_std_mask`) and draws more prompts inside the
+  step (:mod:`dip_r1.dynamic_sampling`); TRL has no equivalent.
 - Standard deviations are population ones (``unbiased=False``), TRL uses ``torch.std`` (unbiased):
   ours makes a group's advantages exactly unit-variance and is defined for ``G = 1``; the two differ
   by a factor ``sqrt((G - 1) / G)``.
