@@ -49,14 +49,7 @@ class Drawn:
     def groups(self, index: Tensor, group_size: int) -> Drawn:
         """The same batch restricted to the groups ``index`` (``Tensor[k]`` long), in that order."""
         rows = (index[:, None] * group_size + torch.arange(group_size)).flatten()  # [k * G], prompt-major
-        r = self.rollout
-        rollout = dataclasses.replace(
-            r,
-            prompt_index=r.prompt_index[rows.to(r.prompt_index.device)],
-            completion_ids=r.completion_ids[rows.to(r.completion_ids.device)],
-            mask=r.mask[rows.to(r.mask.device)],
-            truncated=r.truncated[rows.to(r.truncated.device)],
-        )
+        rollout = rollout_rows(self.rollout, rows)
         keep = rows.tolist()
         return Drawn(
             self.batch,
@@ -65,6 +58,24 @@ class Drawn:
             [self.parsed[j] for j in keep],
             {k: v[rows.to(v.device)] for k, v in self.scores.items()},
         )
+
+
+def rollout_rows(rollout: Rollout, rows: Tensor) -> Rollout:
+    """The rollout restricted to the completions ``rows``: every per-completion field is indexed (the zoom ones
+    too); the per-prompt vision output and the image bank stay whole (``prompt_index`` still refers to them)."""
+    keep = rows.tolist()
+    per_row = {}
+    for f in dataclasses.fields(rollout):
+        value = getattr(rollout, f.name)
+        if f.name in ("image_features", "vision"):  # per prompt, or the bank: whole
+            continue
+        if f.name == "positions" and value is not None:  # [3, N, T]
+            per_row[f.name] = value[:, rows.to(value.device)]
+        elif f.name in ("crops", "row_images") and value is not None:
+            per_row[f.name] = [value[j] for j in keep]
+        elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == len(rollout.prompt_index):
+            per_row[f.name] = value[rows.to(value.device)]
+    return dataclasses.replace(rollout, **per_row)
 
 
 @dataclass

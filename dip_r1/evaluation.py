@@ -37,6 +37,7 @@ from dip_r1.rewards import ParsedCompletion, parse_completion
 from dip_r1.rollout import sample_completions
 from dip_r1.scoring import all_logprobs
 from dip_r1.tokens import TokenIds
+from dip_r1.zoom.geometry import CropGeometry
 
 
 @dataclass
@@ -67,6 +68,10 @@ class Prediction:
     """The sample's target (model coordinates, ``orig_size``, ``dataset``, ``image_id``, ...)."""
     rewards: dict[str, float] | None = field(default=None)
     """Each reward of this answer when the ground truth is known (predict), else None."""
+    crops: list[CropGeometry] = field(default_factory=list)
+    """Zoom: the crops the answer was shown, in order (``"region": k`` names the ``k``-th)."""
+    source: Any = field(default=None)
+    """Zoom: the source image the crops were cut from (a PIL image), else None."""
 
     @property
     def text(self) -> str:

@@ -28,6 +28,11 @@ class TokenIds:
     """Image / video placeholders (an image token in a completion would no longer match the image features
     when the completion is scored), and the pad id unless it is an EOS (a sampled pad would be masked as
     padding, leaving a hole in the completion)."""
+    image: tuple[int, int, int] | None = None
+    """``(vision start, image pad, vision end)``: how the family spells an image in a sequence (an image of
+    ``n`` merged patches is start, ``n`` pads, end), read from the model's config
+    (``vision_start_token_id``, ``image_token_id``, ``vision_end_token_id``); None when it names none.
+    The zoom look inserts its crops with them."""
 
     @classmethod
     def of(cls, model: nn.Module | None, processor: Any) -> TokenIds:
@@ -43,4 +48,23 @@ class TokenIds:
         }
         placeholders = {i for i in ids if isinstance(i, int)}
         never = placeholders | (set() if pad in eos else {pad})
-        return cls(eos=tuple(eos), pad=pad, never_sampled=tuple(sorted(never)))
+        image = tuple(
+            _config_id(model, processor, n)
+            for n in ("vision_start_token_id", "image_token_id", "vision_end_token_id")
+        )
+        return cls(
+            eos=tuple(eos),
+            pad=pad,
+            never_sampled=tuple(sorted(never)),
+            image=image if all(isinstance(i, int) for i in image) else None,
+        )
+
+
+def _config_id(model: nn.Module | None, processor: Any, name: str) -> int | None:
+    """A special token id from the model's config (or its text config), else the processor's attribute."""
+    config = model.config if model is not None else None
+    for owner in (config, getattr(config, "text_config", None), processor):
+        value = getattr(owner, name, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -152,3 +152,20 @@ def test_a_step_trains_on_b_live_groups_and_logs_the_counters(
     assert all(float(r["train/entropy"]) > 0 for r in rows)
     # the extra draws come from the stream in order: every batch once
     assert reward.seen == ["00", "01", "10", "11", "20", "21", "30", "31"]
+
+
+def test_a_groups_rows_include_the_zoom_fields():
+    d = fake("a", [False, False, False])
+    r = d.rollout
+    r.attention, r.positions = r.mask.clone(), torch.arange(3 * 6 * 3).view(3, 6, 3)
+    r.crops, r.row_images, r.logprobs = (
+        [[j] for j in range(6)],
+        [[j // 2] for j in range(6)],
+        torch.rand(6, 3),
+    )
+    r.image_features = torch.zeros(6, 5)  # per prompt in truth; never indexed by completion
+    part = d.groups(torch.tensor([2, 0]), G).rollout
+    assert part.prompt_index.tolist() == [2, 2, 0, 0]
+    assert part.crops == [[4], [5], [0], [1]] and part.row_images == [[2], [2], [0], [0]]
+    assert torch.equal(part.positions, r.positions[:, [4, 5, 0, 1]])
+    assert torch.equal(part.logprobs, r.logprobs[[4, 5, 0, 1]]) and part.image_features is r.image_features
