@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from dip_r1.boxes import box_iou
+from dip_r1.boxes import repeated_boxes
 from dip_r1.config import SamplingConfig
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import to_image_coords
@@ -38,9 +38,6 @@ from dip_r1.rollout import sample_completions
 from dip_r1.scoring import all_logprobs
 from dip_r1.tokens import TokenIds
 from dip_r1.zoom.geometry import CropGeometry
-
-DUPLICATE_IOU = 0.7
-"""An answer box that overlaps an earlier box of the same answer at this IoU or more is a repeat."""
 
 
 @dataclass
@@ -213,19 +210,6 @@ def base_model(policy: nn.Module, full_base: Callable[[], nn.Module]) -> Iterato
             yield policy
     else:
         yield full_base()
-
-
-def repeated_boxes(boxes: Tensor | None, iou: float = DUPLICATE_IOU) -> int:
-    """How many boxes overlap an earlier box of the list at IoU >= ``iou`` (repeats of one object, which the
-    one-to-one matching counts as false positives).
-
-    >>> repeated_boxes(torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 9], [20.0, 0, 30, 10]]))
-    1
-    """
-    if boxes is None or len(boxes) < 2:
-        return 0
-    overlaps = box_iou(boxes, boxes).triu(diagonal=1) >= iou  # [N, N]: pairs (earlier, later)
-    return int(overlaps.any(dim=0).sum())
 
 
 class DetectionEvaluator:

@@ -89,3 +89,23 @@ def test_a_setting_out_of_range_is_one_line(run_cli):
     assert message == "dip-r1: error: sampling.temperature must be > 0, got 0.0"
     message = str(run_cli(lambda c: None, "--model.init_args.micro_batch_size", "0").code)
     assert message == "dip-r1: error: micro_batch_size must be >= 1, got 0"
+
+
+def test_the_grpo_variants_are_checked_and_printed(run_cli, capsys):
+    message = str(run_cli(lambda c: None, "--model.init_args.loss.loss_type", "cispo").code)
+    assert message.startswith("dip-r1: error: loss.epsilon_high is CISPO's bound on the importance weight")
+    message = str(run_cli(lambda c: None, "--model.init_args.max_resample_batches", "-1").code)
+    assert message == "dip-r1: error: max_resample_batches must be >= 0, got -1"
+    message = str(run_cli(lambda c: None, "--model.init_args.loss.top_entropy_quantile", "0").code)
+    assert message == "dip-r1: error: loss.top_entropy_quantile must be in (0, 1], got 0.0"
+    # --print_config shows each new option with its default (off)
+    assert run_cli(lambda c: None, "--print_config").code in (0, None)
+    printed = capsys.readouterr().out
+    for line in (
+        "dynamic_sampling: false",
+        "max_resample_batches: 3",
+        "importance_sampling_level: token",
+        "top_entropy_quantile: 1.0",
+        "loss_type: grpo",
+    ):
+        assert line in printed, line

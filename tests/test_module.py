@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -81,6 +83,7 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
         "train/reward_digits",
         "train/kl",
         "train/clip_ratio",
+        "train/entropy",
         "train/completion_length",
         "train/truncated_ratio",
         "train/zero_std_ratio",
@@ -202,4 +205,27 @@ def test_one_step_on_the_contributing_guide_dataset(tiny_qwen2_vl, tmp_path):
     )
     trainer.fit(module, data)
     assert trainer.global_step == 1
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(loss_type="dapo", importance_sampling_level="sequence"),
+        LossConfig(loss_type="cispo", epsilon_high=5.0, top_entropy_quantile=0.2, beta=0.05),
+    ],
+    ids=["dapo-gspo", "cispo-entropy-kl"],
+)
+def test_each_loss_variant_trains(tiny_qwen2_vl, tmp_path, loss):
+    import csv
+
+    L.seed_everything(0)
+    module = _module(tiny_qwen2_vl, lora=LoraSpec(r=4, dropout=0.0), loss=loss)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    _fit(module, 2, tmp_path)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 2 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert all(float(r["train/entropy"]) > 0 for r in rows)
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters() if p.requires_grad)
