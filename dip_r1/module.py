@@ -23,11 +23,10 @@ from dip_r1.credit import credited_advantages
 from dip_r1.models import (
     CheckpointBuilder,
     PolicySpec,
-    check_model_path,
     checkpoint_state,
-    has_checkpoint,
     is_peft,
     load_processor,
+    prepare_model_path,
 )
 from dip_r1.rewards import RewardSuite, parse_completion
 from dip_r1.rollout import all_logprobs, completion_logprobs, micro_batches, sample_completions
@@ -44,7 +43,8 @@ class GRPOModule(L.LightningModule):
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
         warm_start: builds the checkpoint at ``policy.path`` when it is missing: any ``CheckpointBuilder``
-            (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``).
+            (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``), only at its
+            own ``home`` folder or with its ``force`` set (``dip_r1.models.prepare_model_path``).
         rewards: the rewards and their weights; default: format, look and accuracy, weight 1 each.
         group_size: completions sampled per prompt (G), >= 1; 1 warns: every advantage is 0, only the KL term
             (beta) moves the policy.
@@ -123,9 +123,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # LoRA checkpoints hold only the trainable weights: the frozen base comes from `model`.
         self.strict_loading = False
-        if warm_start is not None and not has_checkpoint(policy.path):
-            warm_start.build(policy.path)
-        self.model_path = check_model_path(policy.path)
+        self.model_path = prepare_model_path(policy.path, warm_start)
         self.processor = load_processor(self.model_path)
         self.rewards = rewards if rewards is not None else RewardSuite()
         self.optimizer_factory = optimizer
@@ -452,7 +450,7 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
         checkpoint["dip_r1"] = {
-            "model": str(self.model_path),
+            "model": str(self.model_path.resolve()),  # an export from any folder finds it
             "policy": dataclasses.asdict(self.policy_spec),
             "skipped_steps": self.skipped_steps,
         }

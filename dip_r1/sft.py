@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -18,10 +19,9 @@ from dip_r1.grpo import masked_mean
 from dip_r1.models import (
     CheckpointBuilder,
     PolicySpec,
-    check_model_path,
     checkpoint_state,
-    has_checkpoint,
     load_processor,
+    prepare_model_path,
 )
 from dip_r1.rollout import completion_logprobs
 
@@ -85,10 +85,8 @@ class SFTModule(L.LightningModule):
         self.max_look = max_look
         self.max_target_tokens = max_target_tokens
         self.strict_loading = False  # LoRA checkpoints hold only the trainable weights
-        if warm_start is not None and not has_checkpoint(policy.path):
-            warm_start.build(policy.path)
         self.policy_spec = policy
-        self.processor = load_processor(check_model_path(policy.path))
+        self.processor = load_processor(prepare_model_path(policy.path, warm_start))
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.policy: torch.nn.Module | None = None
@@ -142,6 +140,6 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
         checkpoint["dip_r1"] = {
-            "model": str(self.policy_spec.path),
+            "model": str(Path(self.policy_spec.path).resolve()),  # an export from any folder finds it
             "policy": dataclasses.asdict(self.policy_spec),
         }

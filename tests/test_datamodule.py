@@ -201,7 +201,7 @@ data:
     dm = parser.instantiate(parser.parse_args(["--config", str(config)])).data
     assert isinstance(dm.prompt_builder, DetectionPromptBuilder)
     assert (dm.prompt_builder.coordinates, dm.batch_size) == ("relative-1000", 4)
-    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img"]
+    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img.jpg"]
 
 
 def test_predict_images_without_annotation(tmp_path):
@@ -210,7 +210,7 @@ def test_predict_images_without_annotation(tmp_path):
     dm = DetectionDataModule(predict_images=str(tmp_path / "*.jpg"), batch_size=4)
     dm.connect(FakeProcessor())
     (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.predict_dataloader()]
-    assert [t["image_id"] for t in batch["targets"]] == ["a", "b"]
+    assert [t["image_id"] for t in batch["targets"]] == ["a.jpg", "b.jpg"]
     assert batch["targets"][0]["boxes"].shape == (0, 4) and batch["targets"][0]["orig_size"] == (30, 30)
     with pytest.raises(ValueError, match="no train sources"):
         dm.train_dataloader()

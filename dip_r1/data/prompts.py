@@ -150,7 +150,8 @@ class Prompt:
     """The RGB image, already resized to what the processor will keep."""
     target: dict[str, Any]
     """Ground truth in the model's coordinates: ``boxes``, ``ignore``, ``labels``, ``image_size``,
-    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``dataset``."""
+    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``image_path`` (the source
+    file), ``dataset``."""
 
 
 class DetectionPromptBuilder:
@@ -277,6 +278,7 @@ class DetectionPromptBuilder:
             "coordinates": self.coordinates,
             "category": category,
             "image_id": sample.image_id,
+            "image_path": str(sample.image_path),
             "dataset": dataset,
         }
         return Prompt(messages=messages, image=image, target=target)
