@@ -424,12 +424,14 @@ def test_a_gpu_recipe_on_a_machine_without_one_is_one_line(run, world):
 
 
 def test_strict_applies_to_lines(run, world, tmp_path):
-    anno = _jsonlines(tmp_path, [{"image": "0.jpg", "boxes": [[1, 2, 3]]}])
+    # the bad line is the second: it is met in a DataLoader worker, after the weights load, and still one line
+    anno = _jsonlines(tmp_path, [{"image": "0.jpg", "boxes": []}, {"image": "0.jpg", "boxes": [[1, 2, 3]]}])
+    shutil.copy(world["anno"].parent / "0.jpg", tmp_path / "0.jpg")
     answer = run(
-        "dip_r1.cli", "fit", "--config", str(world["config"]), "--data.strict=true",
-        f"--data.train=[{json.dumps(_source(anno))}]", cwd=world["root"],
+        "dip_r1.cli", "fit", "--config", str(world["config"]), "--data.strict=true", "--data.num_workers=1",
+        f"--data.train=[{json.dumps(_source(anno))}]", "--trainer.logger=false", cwd=world["root"],
     )  # fmt: skip
-    _fails(answer, f"crowd annotation at {anno}:1: a box must be 4 numbers", "set strict false")
+    _fails(answer, f"crowd annotation at {anno}:2: a box must be 4 numbers", "set strict false")
 
 
 # --------------------------------------------------------------------------------------------- debugging

@@ -52,17 +52,22 @@ def test_a_wrong_type_gives_lightningclis_message(run_cli, capsys):
     assert "group_size" in err and "many" in err
 
 
-def test_a_missing_model_path_is_one_line(run_cli, tmp_path):
+def _error_line(exit_: SystemExit, capsys) -> str:
+    """The one line a bad input gets: the last of stderr, with exit status 2."""
+    assert exit_.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_missing_model_path_is_one_line(run_cli, tmp_path, capsys):
     def edit(config):
         config["model"]["init_args"]["policy"]["path"] = str(tmp_path / "no-model")
 
-    message = str(run_cli(edit).code)
-    assert message == (
-        f"dip-r1: error: no model checkpoint at {tmp_path}/no-model (expected {tmp_path}/no-model/config.json)"
+    assert _error_line(run_cli(edit), capsys) == (
+        f"dip-r1: error: model at {tmp_path}/no-model: no such folder (check --model.init_args.policy.path)"
     )
 
 
-def test_a_missing_dataset_path_is_one_line(run_cli, tmp_path):
+def test_a_missing_dataset_path_is_one_line(run_cli, tmp_path, capsys):
     def edit(config):
         config["data"]["train"] = [
             {
@@ -71,21 +76,25 @@ def test_a_missing_dataset_path_is_one_line(run_cli, tmp_path):
             }
         ]
 
-    message = str(run_cli(edit).code)
-    assert message == f"dip-r1: error: crowdhuman: annotation_file {tmp_path}/train.odgt does not exist"
+    assert _error_line(run_cli(edit), capsys) == (
+        f"dip-r1: error: crowdhuman annotation_file at {tmp_path}/train.odgt: no such file "
+        "(check the path in the data section of the config)"
+    )
 
 
 def test_a_missing_image_folder_is_caught_at_construction(tmp_path):
     annotation = tmp_path / "train.odgt"
     annotation.write_text("")
-    with pytest.raises(FileNotFoundError, match=rf"^crowdhuman: image_dir {tmp_path}/Images does not exist$"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"^crowdhuman image_dir at {tmp_path}/Images: no such folder"
+    ):
         DetectionStream([CrowdHuman(annotation, tmp_path / "Images")])
     DetectionStream([CrowdHuman(annotation, tmp_path)])  # both there: fine, however empty
 
 
-def test_a_setting_out_of_range_is_one_line(run_cli):
+def test_a_setting_out_of_range_is_one_line(run_cli, capsys):
     # a CLI override as a user would type it: the settings are checked before any weights load
-    message = str(run_cli(lambda c: None, "--model.init_args.temperature", "0").code)
-    assert message == "dip-r1: error: temperature must be > 0, got 0.0"
-    message = str(run_cli(lambda c: None, "--model.init_args.micro_batch_size", "0").code)
-    assert message == "dip-r1: error: micro_batch_size must be >= 1, got 0"
+    exit_ = run_cli(lambda c: None, "--model.init_args.temperature", "0")
+    assert _error_line(exit_, capsys) == "dip-r1: error: temperature must be > 0, got 0.0"
+    exit_ = run_cli(lambda c: None, "--model.init_args.micro_batch_size", "0")
+    assert _error_line(exit_, capsys) == "dip-r1: error: micro_batch_size must be >= 1, got 0"

@@ -201,7 +201,7 @@ data:
     dm = parser.instantiate(parser.parse_args(["--config", str(config)])).data
     assert isinstance(dm.prompt_builder, DetectionPromptBuilder)
     assert (dm.prompt_builder.coordinates, dm.batch_size) == ("relative-1000", 4)
-    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img.jpg"]
+    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img.png"]
 
 
 def test_predict_images_without_annotation(tmp_path):

@@ -300,6 +300,8 @@ class DetectionStream(IterableDataset):
                     item["reader_skipped"] = self._reader_skips(seen)
                 yield item
         except InputError as error:
+            if info is None:
+                raise
             # Raised in a DataLoader worker it would reach the user re-wrapped, with the worker's traceback:
             # it travels as an item instead, and the DataModule raises it in the main process.
             yield {"error": error, "shard": (shard, workers)}
