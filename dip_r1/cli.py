@@ -19,13 +19,22 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from dip_r1 import preflight
 from dip_r1.checkpointing import AtomicCheckpointIO, RNGStateCallback
 from dip_r1.data import DetectionDataModule
 from dip_r1.data.stream import source_name, source_path
+
+
+class SaveConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` into its logger's folder; a run without a logger writes none (its log
+    folder would be the working folder, where it would replace a ``config.yaml`` of the user's)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 class DipR1CLI(LightningCLI):

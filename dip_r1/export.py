@@ -43,9 +43,11 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read a Lightning checkpoint file on the CPU with ``weights_only`` (our spec classes allowed)."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a sharded (FSDP) checkpoint: consolidate it first with "
-            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
+        raise preflight.InputError(
+            "checkpoint",
+            path,
+            "a sharded (FSDP) checkpoint folder",
+            f"consolidate it first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}",
         )
     with torch.serialization.safe_globals([PolicySpec, LoraSpec]):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -86,7 +88,8 @@ def _spec_from_config(path: str | Path) -> dict:
 def policy_spec_of(
     checkpoint: dict, model: str | Path | None = None, config: str | Path | None = None
 ) -> PolicySpec:
-    """The :class:`PolicySpec` a checkpoint was trained with; ``model`` replaces its base path.
+    """The :class:`PolicySpec` a checkpoint was trained with; ``model`` replaces its base path, and the absolute
+    base path the run recorded (``checkpoint["dip_r1"]["model"]``) replaces a relative one when it is there.
 
     Looked up in ``config`` (a CLI ``config.yaml``) when given, else ``hyper_parameters["policy"]``, else
     ``checkpoint["dip_r1"]["policy"]``; when none records it, a spec without LoRA on ``model`` or on

@@ -213,6 +213,9 @@ def test_predict_keeps_same_named_images_apart_and_never_truncates(run, world, t
         f"--data.predict_images={tmp_path}/images/**/x.*", "--trainer.callbacks+=dip_r1.callbacks.PredictionWriter",
     ]  # fmt: skip
     out = world["root"] / "runs/predict"
+    # a user's file in the working folder, which is where a run without a logger logs
+    mine = world["root"] / "config.yaml"
+    mine.write_text("# mine\n")
     first = run("dip_r1.cli", *args, cwd=world["root"])
     assert first["rc"] == 0, first["stderr"][-3000:]
     records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -225,6 +228,7 @@ def test_predict_keeps_same_named_images_apart_and_never_truncates(run, world, t
     assert second["rc"] == 0 and "runs/predict/version_1" in second["stdout"], second["stderr"][-3000:]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
     assert len((out / "version_1/predictions.jsonl").read_text().splitlines()) == 3
+    assert mine.read_text() == "# mine\n"
 
 
 def test_command_line_flags_win_over_the_checkpoint(run, world):
