@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dip_r1 import preflight
+from dip_r1.config import LossConfig, SamplingConfig
 from dip_r1.models import LoraSpec, PolicySpec, is_peft
 
 PREFIX = "policy."
@@ -49,7 +50,7 @@ def load_checkpoint(path: str | Path) -> dict:
             "a sharded (FSDP) checkpoint folder",
             f"consolidate it first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}",
         )
-    with torch.serialization.safe_globals([PolicySpec, LoraSpec]):
+    with torch.serialization.safe_globals([PolicySpec, LoraSpec, SamplingConfig, LossConfig]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -94,8 +94,9 @@ def world(tmp_path_factory, tiny_qwen2_vl, run):
     records[0]["boxes"].append([80, 60, 90, 70])  # wholly outside the 64 x 48 image
     records[0]["labels"].append("person")
     anno = _jsonlines(images, records)
-    config = fit_config(root / "run", "model", images, max_new_tokens=6, group_size=2, micro_batch_size=4)
+    config = fit_config(root / "run", "model", images, group_size=2, micro_batch_size=4)
     config["trainer"]["max_steps"] = 1
+    config["model"]["init_args"]["sampling"]["max_new_tokens"] = 6
     config["model"]["init_args"].pop("lr_scheduler")
     config["data"]["train"] = [_source(anno)]
     config["data"]["val"] = [_source(anno)]
@@ -220,7 +221,7 @@ def test_predict_keeps_same_named_images_apart_and_never_truncates(run, world, t
     assert first["rc"] == 0, first["stderr"][-3000:]
     records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted(r["image_id"] for r in records) == ["a/x.jpg", "b/x.jpg", "x.png"]
-    assert sorted(r["source"] for r in records) == [
+    assert sorted(r["image_path"] for r in records) == [
         f"{tmp_path}/images/{n}" for n in ("a/x.jpg", "b/x.jpg", "x.png")
     ]
     assert len({r["image"] for r in records}) == 3 and len(list(out.glob("*.png"))) == 3
@@ -235,9 +236,9 @@ def test_command_line_flags_win_over_the_checkpoint(run, world):
     # a setting out of range given on the command line is checked, not replaced by the checkpoint's value
     answer = run(
         "dip_r1.cli", "validate", "--config", str(world["config"]), "--ckpt_path", str(world["ckpt"]),
-        "--model.init_args.temperature", "0", cwd=world["root"],
+        "--model.init_args.sampling.temperature", "0", cwd=world["root"],
     )  # fmt: skip
-    assert _fails(answer) == f"{ERROR}temperature must be > 0, got 0.0"
+    assert _fails(answer) == f"{ERROR}sampling.temperature must be > 0, got 0.0"
 
 
 def test_compare_base_on_the_command_line_prints_the_base_row(run, world):

@@ -355,6 +355,8 @@ class DetectionStream(IterableDataset):
         item = {"messages": prompt.messages, "image": prompt.image, "target": prompt.target, "shard": shard}
         if dropped:
             item["dropped"] = {"empty_box": dropped}
+        if prompt.source is not None:
+            item["source"] = prompt.source
         return item
 
     def _skip(
