@@ -66,13 +66,13 @@ class DipR1CLI(LightningCLI):
             self.config[sub][key] = before[key]
         _report_sources(before, stored, flags, "model")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+    def instantiate_classes(self) -> None:
+        # The accelerator and the model folder are checked first (a model a warm start may build is checked
+        # once built); the data's files as the DataModule is built. No weights load before fit / validate.
+        config = self.config[self.subcommand] if self.subcommand else self.config
         preflight.check_accelerator(config.get("trainer.accelerator"))
         if config.get("model.init_args.warm_start") is None and config.get("model.init_args.policy.path"):
             preflight.check_model_folder(config.get("model.init_args.policy.path"))
-
-    def instantiate_classes(self) -> None:
         super().instantiate_classes()
         model, data = self.model, self.datamodule
         if data is not None and hasattr(model, "processor"):
@@ -248,6 +248,7 @@ def main(args: list[str] | None = None) -> DipR1CLI | None:
                 DetectionDataModule,
                 subclass_mode_model=True,
                 seed_everything_default=0,
+                save_config_callback=SaveConfig,
                 save_config_kwargs={"overwrite": True},
                 args=argv,
             )
