@@ -181,7 +181,7 @@ def test_lora_weights_without_lora_settings_fail_before_loading_anything():
 
 
 def test_sharded_checkpoint_folder_is_refused_with_the_consolidation_command(tmp_path):
-    with pytest.raises(ValueError, match="sharded .* consolidate_checkpoint"):
+    with pytest.raises(ValueError, match="sharded .*consolidate_checkpoint"):
         export.load_checkpoint(tmp_path)
 
 

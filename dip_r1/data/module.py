@@ -299,6 +299,13 @@ class DetectionDataModule(LightningDataModule):
             state["train"] = self.streams["train"].state_dict()
         return state
 
+    def teardown(self, stage: str) -> None:
+        """Say once, at the end of a run, what was skipped or dropped and how often, per reason (the warnings
+        along the way stop repeating after the first few)."""
+        if self.skipped:
+            counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+            warnings.warn(f"data: skipped over the run (data/skipped_*): {counts}", stacklevel=2)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.skipped = Counter(state_dict.get("skipped", {}))
