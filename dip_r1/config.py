@@ -23,6 +23,7 @@ import torch
 from dip_r1.settings import SettingError, check_range
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOOK_MODES = ("text", "zoom")
 SCALES = ("group", "batch", "none")
 
 
@@ -38,6 +39,14 @@ class SamplingConfig:
         top_p: nucleus sampling, in (0, 1].
         do_sample: sample; False decodes greedily (all G completions of a prompt alike, so their advantages
             are 0: for debugging), which is the way to greedy rollouts, not temperature 0.
+        look_mode: ``"text"``: the ``<look>`` boxes are written and scored, nothing more; ``"zoom"``: after
+            ``</look>`` the looked regions are cropped from the source image and shown to the model, as images,
+            before it writes the answer, whose boxes may then be read off a crop (``"region": k``).
+        max_looks: zoom: crops opened per completion, the first look boxes with an area on the image, >= 0.
+        zoom_min_side: zoom: a look box smaller than this many source pixels a side is grown around its centre
+            to it, >= 1.
+        zoom_max_pixels: zoom: pixels a crop is shown with (magnified or reduced to fill them); None: the prompt
+            image's budget.
     """
 
     max_new_tokens: int = 256
@@ -45,12 +54,22 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     do_sample: bool = True
+    look_mode: Literal["text", "zoom"] = "text"
+    max_looks: int = 2
+    zoom_min_side: int = 32
+    zoom_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         check_range("sampling.max_new_tokens", self.max_new_tokens, 1)
         check_range("sampling.min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
         check_range("sampling.temperature", self.temperature, 0, None, low_open=True)
         check_range("sampling.top_p", self.top_p, 0, 1, low_open=True)
+        if self.look_mode not in LOOK_MODES:
+            raise SettingError(f"sampling.look_mode must be one of {LOOK_MODES}, got {self.look_mode!r}")
+        check_range("sampling.max_looks", self.max_looks, 0)
+        check_range("sampling.zoom_min_side", self.zoom_min_side, 1)
+        if self.zoom_max_pixels is not None:
+            check_range("sampling.zoom_max_pixels", self.zoom_max_pixels, 1)
 
 
 @dataclass(frozen=True)
