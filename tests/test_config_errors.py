@@ -4,6 +4,7 @@ model or dataset, raised while the classes are built (before any weights load)."
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from fault_tools import fit_config, write_config
@@ -98,3 +99,34 @@ def test_a_setting_out_of_range_is_one_line(run_cli, capsys):
     assert _error_line(exit_, capsys) == "dip-r1: error: sampling.temperature must be > 0, got 0.0"
     exit_ = run_cli(lambda c: None, "--model.init_args.micro_batch_size", "0")
     assert _error_line(exit_, capsys) == "dip-r1: error: micro_batch_size must be >= 1, got 0"
+
+
+def test_a_warm_start_builds_only_at_its_home_or_when_forced(tmp_path, monkeypatch, tiny_qwen2_vl):
+    import shutil
+
+    from dip_r1.models import prepare_model_path
+
+    class Builder:
+        def __init__(self, home=None, force=False):
+            self.home, self.force, self.built = home, force, []
+
+        def build(self, path):
+            self.built.append(path)
+            shutil.copytree(tiny_qwen2_vl, path)
+
+    monkeypatch.chdir(tmp_path)
+    typo = Builder(home="data/base")
+    with pytest.raises(
+        FileNotFoundError, match=r"^model at data/bsae: no such model, .* builds only at data/base"
+    ):
+        prepare_model_path("data/bsae", typo)
+    assert not typo.built and not (tmp_path / "data").exists()
+    home = Builder(home="data/base")
+    assert prepare_model_path("data/base", home) == Path("data/base")
+    assert home.built and (tmp_path / "data/base/config.json").is_file()
+    assert prepare_model_path("data/base", Builder(home="data/base")) == Path("data/base")  # there: no build
+    forced = Builder(force=True)
+    prepare_model_path(tmp_path / "anywhere", forced)
+    assert forced.built == [tmp_path / "anywhere"]
+    with pytest.raises(FileNotFoundError, match="builds only when asked"):
+        prepare_model_path("elsewhere", Builder())
