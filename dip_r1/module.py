@@ -40,7 +40,8 @@ class GRPOModule(PolicyModule):
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
         warm_start: builds the checkpoint at ``policy.path`` when it is missing: any ``CheckpointBuilder``
-            (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``).
+            (the quickstart's ``dip_r1.pretrain.TinyPretrain``, ``dip_r1.quickstart.TinySFT``), only at its
+            own ``home`` folder or with its ``force`` set (``dip_r1.models.prepare_model_path``).
         rewards: the rewards, their weights and credit; default: format, look and accuracy, weight 1 each.
         group_size: completions sampled per prompt (G), >= 1; 1 warns: every advantage is 0, only the KL term
             (beta) moves the policy.

@@ -20,10 +20,9 @@ from dip_r1.config import SamplingConfig
 from dip_r1.models import (
     CheckpointBuilder,
     PolicySpec,
-    check_model_path,
     checkpoint_state,
-    has_checkpoint,
     load_processor,
+    prepare_model_path,
 )
 from dip_r1.tokens import TokenIds
 
@@ -42,13 +41,12 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
     ) -> None:
-        """Build the checkpoint if ``warm_start`` is given and it is missing, check it, load its processor."""
+        """Build the checkpoint if ``warm_start`` is given, it is missing and the builder may build there (its
+        ``home``, or ``force``: :func:`~dip_r1.models.prepare_model_path`), check it, load its processor."""
         # LoRA checkpoints hold only the trainable weights: the frozen base comes from `policy.path`.
         self.strict_loading = False
-        if warm_start is not None and not has_checkpoint(policy.path):
-            warm_start.build(policy.path)
         self.policy_spec = policy
-        self.model_path = check_model_path(policy.path)
+        self.model_path = prepare_model_path(policy.path, warm_start)
         self.processor = load_processor(self.model_path)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -171,6 +169,6 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
         checkpoint["dip_r1"] = {
-            "model": str(self.model_path),
+            "model": str(self.model_path.resolve()),  # an export from any working folder finds it
             "policy": dataclasses.asdict(self.policy_spec),
         }
