@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dip_r1 import grpo
+from dip_r1.credit import block_token_mask
 from dip_r1.rewards.parsing import ParsedCompletion
-from dip_r1.rollout import Rollout
+from dip_r1.rollout import Rollout, RolloutRecord
 
 
 @dataclass
@@ -40,6 +42,31 @@ class Drawn:
     parsed: list[ParsedCompletion]
     scores: dict[str, Tensor]
     """``"total"`` and each reward, one value per completion."""
+
+    def record(self, step: int, group_size: int) -> RolloutRecord:
+        """What the callbacks read of this batch's rollout (:class:`~dip_r1.rollout.RolloutRecord`)."""
+        return RolloutRecord(
+            step,
+            group_size,
+            self.texts,
+            self.parsed,
+            {k: v.detach().cpu() for k, v in self.scores.items()},
+            self.batch["targets"],
+            self.batch.get("images"),
+            self.rollout,
+            self.batch.get("sources"),
+        )
+
+    def block_mask(self, tokenizer, block: str) -> Tensor:
+        """``Tensor[N, T]`` bool: the tokens of each completion that spell ``block`` (credited rewards)."""
+        return block_token_mask(tokenizer, self.rollout.completion_ids, self.rollout.mask, self.parsed, block)
+
+    def loss_mask(self, mask_truncated: bool) -> Tensor:
+        """``Tensor[N, T]`` bool: the sampled tokens in the loss (all of a truncated completion's left out when
+        ``mask_truncated``)."""
+        if mask_truncated:
+            return grpo.apply_truncation_mask(self.rollout.mask, self.rollout.truncated)
+        return self.rollout.mask
 
     @property
     def num_groups(self) -> int:

@@ -20,7 +20,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dip_r1 import grpo
 from dip_r1.config import LossConfig, SamplingConfig
-from dip_r1.credit import block_token_mask
 from dip_r1.dynamic_sampling import Drawn, fill_groups, next_training_batch, split_rows, stack_rows
 from dip_r1.models import CheckpointBuilder, PolicySpec, is_peft
 from dip_r1.policy_module import PolicyModule
@@ -28,6 +27,8 @@ from dip_r1.rewards import RewardSuite, parse_completion
 from dip_r1.rollout import RolloutRecord, sample_completions
 from dip_r1.scoring import all_logprobs, completion_logprobs, micro_batches
 from dip_r1.settings import SettingError, check_grpo_settings
+from dip_r1.step_metrics import step_metrics
+from dip_r1.zoom import resolve_regions, zoom_of
 
 
 def _default_optimizer(params):
@@ -113,7 +114,6 @@ class GRPOModule(PolicyModule):
             dataclasses.replace(sampling, do_sample=eval_do_sample), micro_batch_size, compare_base
         )
         self.rewards = rewards if rewards is not None else RewardSuite()
-        self.skipped_steps = 0
         self.phase = "idle"
         """The part of ``training_step`` running now (``"rollout"``, ``"scoring"``, ``"idle"``): profilers read it."""
         self.step_timings: dict[str, float] = {}
@@ -126,11 +126,7 @@ class GRPOModule(PolicyModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        policy = self.load_policy()
-        if self.hparams.disable_dropout:
-            for module in policy.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+        policy = self.load_policy(disable_dropout=self.hparams.disable_dropout)
         if self.loss_config.beta > 0 and not is_peft(policy):
             # Full fine-tuning needs a frozen copy; with LoRA the reference is the base with adapters disabled.
             self.ref_model = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -171,16 +167,7 @@ class GRPOModule(PolicyModule):
         rollout_s = self._rollout_s
         self.phase = "scoring"
         self.policy.train()
-        self.last_rollout = RolloutRecord(
-            self.global_step,
-            G,
-            first.texts,
-            first.parsed,
-            {k: v.detach().cpu() for k, v in first.scores.items()},
-            first.batch["targets"],
-            first.batch.get("images"),
-            first.rollout,
-        )
+        self.last_rollout = first.record(self.global_step, G)
 
         # 3. advantages ([N], or [N, T] when a reward is credited to one block's tokens) and token weights, over
         # all parts at once; then per part, as the rows of each part's rollout
@@ -189,21 +176,9 @@ class GRPOModule(PolicyModule):
             scores,
             G,
             cfg.scale_rewards,
-            block_mask=lambda block: stack_rows(
-                [
-                    block_token_mask(
-                        self.tokenizer, p.rollout.completion_ids, p.rollout.mask, p.parsed, block
-                    )
-                    for p in parts
-                ]
-            ),
+            block_mask=lambda block: stack_rows([p.block_mask(self.tokenizer, block) for p in parts]),
         )
-        masks = [
-            grpo.apply_truncation_mask(p.rollout.mask, p.rollout.truncated)
-            if cfg.mask_truncated
-            else p.rollout.mask
-            for p in parts
-        ]
+        masks = [p.loss_mask(cfg.mask_truncated) for p in parts]
         mask = stack_rows(masks)
         num_tokens = None
         if cfg.loss_type in ("dapo", "cispo"):  # the ranks' mean token count: the whole batch's token mean
@@ -214,9 +189,9 @@ class GRPOModule(PolicyModule):
         # 4. old log-probs only when a rollout is reused, reference log-probs only when beta > 0
         old_logp = ref_logp = None
         if hp.num_iterations > 1:
-            old_logp = [self._all_logprobs(self.policy, p.batch["inputs"], p.rollout) for p in parts]
+            old_logp = [self._logprobs(p.batch["inputs"], p.rollout) for p in parts]
         if cfg.beta > 0:
-            ref_logp = [self._reference_logprobs(p.batch["inputs"], p.rollout) for p in parts]
+            ref_logp = [self._logprobs(p.batch["inputs"], p.rollout, reference=True) for p in parts]
 
         # 5. loss over micro-batches, one optimiser step per GRPO iteration
         optimizer = self.optimizers()
@@ -237,6 +212,7 @@ class GRPOModule(PolicyModule):
                         image_features=r.image_features,  # the rollout's vision output: no second encoder run
                         share_prefix=hp.share_prompt_prefix,
                         with_entropy=True,
+                        zoom=r.zoom_columns(mb),  # zoom: crop tokens attended, outside the loss
                     )  # [n_mb, T] each
                     mb_mask = masks[i][mb]
                     top = cfg.top_entropy_quantile
@@ -253,7 +229,7 @@ class GRPOModule(PolicyModule):
                     sums["clip_ratio"] += stats["clip_ratio"].item() * n
                     sums["entropy"] += (entropy * mb_mask).sum().item()
                     sums["tokens"] += n
-            self._optimizer_step(optimizer, loss_total)
+            self.checked_step(optimizer, loss_total, hp.max_grad_norm, hp.on_nonfinite)
         self.phase = "idle"
 
         # 6. logs: rewards and lengths of every completion rolled out this step
@@ -277,12 +253,15 @@ class GRPOModule(PolicyModule):
             self.sampling,
             self.token_ids,
             group_size=hp.group_size,
+            zoom=zoom_of(batch, self.processor, self.sampling, self.token_ids),  # None unless zooming
             merge_lora=hp.rollout_merge_lora,
             compile_decode=hp.rollout_compile,
         )
         self._rollout_s += time.perf_counter() - started
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        parsed = [parse_completion(text) for text in texts]  # once, for the rewards and the callbacks
+        crops = rollout.crops or [[] for _ in texts]
+        # parsed once, for the rewards and the callbacks; boxes read off a crop are in the image frame from here
+        parsed = [resolve_regions(parse_completion(text), shown) for text, shown in zip(texts, crops)]
         scores = self.rewards(parsed, batch["targets"], hp.group_size)  # {"total": [B*G], "<name>": [B*G]}
         return Drawn(batch, rollout, texts, parsed, scores)
 
@@ -291,73 +270,25 @@ class GRPOModule(PolicyModule):
         batch = next_training_batch(self.trainer)
         return None if batch is None else self._roll_out(batch)
 
-    def _all_logprobs(self, model, inputs, rollout) -> torch.Tensor:
-        """:func:`all_logprobs` of a rollout's completions (old and reference log-probs)."""
-        return all_logprobs(
-            model,
-            inputs,
-            rollout,
-            micro_batch_size=self.hparams.micro_batch_size,
-            temperature=self.sampling.temperature,
-            share_prefix=self.hparams.share_prompt_prefix,
-        )
-
-    def _reference_logprobs(self, inputs, rollout) -> torch.Tensor:
-        if self.ref_model is not None:
-            return self._all_logprobs(self.ref_model, inputs, rollout)
-        with self.policy.disable_adapter():
-            return self._all_logprobs(self.policy, inputs, rollout)
-
-    def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
+    def _logprobs(self, inputs, rollout, reference: bool = False) -> torch.Tensor:
+        """Every completion's log-probs without gradients: the policy's (old), or the reference's."""
         hp = self.hparams
-        if hp.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        grads_finite = all(
-            torch.isfinite(p.grad).all() for p in self.policy.parameters() if p.grad is not None
-        )
-        if not (torch.isfinite(torch.as_tensor(loss)) and grads_finite):
-            if hp.on_nonfinite == "raise":
-                raise FloatingPointError(f"non-finite loss or gradient at step {self.global_step}")
-            self.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            return
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        kw = {"micro_batch_size": hp.micro_batch_size, "temperature": self.sampling.temperature}
+        kw["share_prefix"] = hp.share_prompt_prefix
+        if not reference or self.ref_model is not None:
+            return all_logprobs(self.ref_model if reference else self.policy, inputs, rollout, **kw)
+        with self.policy.disable_adapter():  # LoRA: the base is the reference
+            return all_logprobs(self.policy, inputs, rollout, **kw)
 
     def _log_step(self, scores, rollouts, group_size, stats, elapsed, rollout_s) -> None:
-        log = {f"train/{k}": v for k, v in stats.items()}
-        for name, values in scores.items():
-            key = "train/reward" if name == "total" else f"train/reward_{name}"
-            log[key] = values.float().mean().item()
-            log[f"{key}/std"] = values.float().std(unbiased=False).item()
-            # The fraction of groups whose G values of this reward are all equal: such a reward gives no signal.
-            suffix = "" if name == "total" else f"_{name}"
-            log[f"train/zero_std_ratio{suffix}"] = (
-                grpo.zero_std_mask(values, group_size).float().mean().item()
-            )
-        lengths = torch.cat([r.lengths for r in rollouts]).float()
-        log["train/completion_length"] = lengths.mean().item()
-        log["train/truncated_ratio"] = torch.cat([r.truncated for r in rollouts]).float().mean().item()
-        log["train/tokens_per_s"] = lengths.sum().item() / max(elapsed, 1e-9)
-        log["train/step_s"] = elapsed
-        log["train/rollout_s"] = rollout_s
+        log = step_metrics(scores, rollouts, group_size, {**stats, "rollout_s": rollout_s}, elapsed)
         log["train/skipped_steps"] = float(self.skipped_steps)
         datamodule = getattr(self.trainer, "datamodule", None)
         for reason, count in getattr(datamodule, "skipped", {}).items():  # bad samples, counted not fatal
             log[f"data/skipped_{reason}"] = float(count)
-        batch_size = len(lengths) // group_size
+        batch_size = sum(len(r.lengths) for r in rollouts) // group_size
         # Means over all ranks (DDP / FSDP), so the logged reward is the whole batch's, not rank 0's share.
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         self.log(
             "reward", log["train/reward"], prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True
         )
-
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["dip_r1"]["skipped_steps"] = self.skipped_steps
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = checkpoint.get("dip_r1", {}).get("skipped_steps", 0)

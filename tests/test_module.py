@@ -115,7 +115,7 @@ def test_lora_moves_adapters_only_and_reference_is_the_base(tiny_model, tmp_path
     assert moved and all("lora_" in n for n in moved)
     assert any("lora_B" in n for n in moved)
     # the reference (adapters disabled) still scores exactly like the initial policy
-    torch.testing.assert_close(module._reference_logprobs(rollout_inputs, rollout), initial)
+    torch.testing.assert_close(module._logprobs(rollout_inputs, rollout, reference=True), initial)
     assert not torch.allclose(
         all_logprobs(module.policy, rollout_inputs, rollout, micro_batch_size=4), initial
     )
@@ -166,7 +166,7 @@ def test_no_reference_pass_when_beta_is_zero_and_no_old_logprobs_for_one_iterati
     def boom(*args, **kwargs):
         raise AssertionError("extra forward pass")
 
-    monkeypatch.setattr(module, "_reference_logprobs", boom)
+    monkeypatch.setattr(module, "_logprobs", boom)
     monkeypatch.setattr(module_mod, "all_logprobs", boom)
     _fit(module, 1, tmp_path)
 

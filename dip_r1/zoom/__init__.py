@@ -4,6 +4,7 @@ to the model, as images, before it answers; an answer box may be read off a crop
 :mod:`~dip_r1.zoom.geometry` says where a crop is and how its frame maps to the image's.
 """
 
+from dip_r1.zoom.crops import Zoom, zoom_of
 from dip_r1.zoom.geometry import CropGeometry, crop_regions
 
-__all__ = ["CropGeometry", "crop_regions"]
+__all__ = ["CropGeometry", "Zoom", "crop_regions", "zoom_of"]
