@@ -113,11 +113,13 @@ def _previous_attended(attention: Tensor) -> Tensor:
     return torch.cat([last.new_zeros(len(last), 1), last[:, :-1]], dim=1)
 
 
-def _zoom_logprobs(logits: Tensor, completion_ids: Tensor, zoom: ZoomColumns, temperature: float) -> Tensor:
-    """Log-probs from ``logits [n, T + 1, V]`` (the prompt's last position, then every column)."""
+def _zoom_logprobs(
+    logits: Tensor, completion_ids: Tensor, zoom: ZoomColumns, temperature: float, with_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs (and entropies) from ``logits [n, T + 1, V]`` (the prompt's last position, then every column)."""
     prev = _previous_attended(zoom.attention)
     picked = logits.gather(1, prev[..., None].expand(-1, -1, logits.shape[-1]))  # [n, T, V]
-    return token_logprobs(picked, completion_ids, temperature)
+    return token_logprobs(picked, completion_ids, temperature, with_entropy=with_entropy)
 
 
 def shared_prefix_logprobs(
@@ -131,7 +133,8 @@ def shared_prefix_logprobs(
     temperature: float = 1.0,
     image_features=None,
     zoom: ZoomColumns | None = None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`completion_logprobs` for whole groups, running each prompt once instead of once per completion.
 
     ``prompt_index`` holds ``n / group_size`` prompts, each on ``group_size`` contiguous rows. The prompt runs
@@ -176,9 +179,11 @@ def shared_prefix_logprobs(
         input_ids=completion_ids, attention_mask=attention, past_key_values=cache, use_cache=True, **extra
     ).logits  # [n, T, V]
     if zoom is not None:
-        return _zoom_logprobs(torch.cat([first, rest], dim=1), completion_ids, zoom, temperature)
+        return _zoom_logprobs(
+            torch.cat([first, rest], dim=1), completion_ids, zoom, temperature, with_entropy
+        )
     logits = torch.cat([first, rest[:, :-1]], dim=1)  # [n, T, V]: position t predicts token t + 1
-    return token_logprobs(logits, completion_ids, temperature)
+    return token_logprobs(logits, completion_ids, temperature, with_entropy=with_entropy)
 
 
 def completion_logprobs(
@@ -192,7 +197,8 @@ def completion_logprobs(
     image_features=None,
     share_prefix: bool = True,
     zoom: ZoomColumns | None = None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens, ``Tensor[n, T]``, for one micro-batch of ``n`` completions.
 
     Only the last ``T + 1`` positions' logits are computed (``logits_to_keep``), so ``[n, prompt, vocab]``
@@ -201,6 +207,8 @@ def completion_logprobs(
     groups (several contiguous rows per prompt) runs each prompt once (:func:`shared_prefix_logprobs`),
     except under gradient checkpointing, which cannot keep a KV cache. ``zoom`` (``Rollout.zoom_columns``) scores
     zoom completions: their crop tokens attended at the rollout's positions, their images from its bank.
+    ``with_entropy``: also each position's entropy, ``(logp, entropy)`` (:func:`dip_r1.grpo.token_logprobs`, from
+    the same logits).
     """
     group = _group_size(prompt_index) if share_prefix else None
     if group is not None and group > 1 and not _checkpointing(model):
@@ -214,9 +222,12 @@ def completion_logprobs(
             temperature=temperature,
             image_features=image_features,
             zoom=zoom,
+            with_entropy=with_entropy,
         )
     if zoom is not None:
-        return _zoom_full_logprobs(model, inputs, prompt_index, completion_ids, zoom, temperature)
+        return _zoom_full_logprobs(
+            model, inputs, prompt_index, completion_ids, zoom, temperature, with_entropy
+        )
     if image_features is not None:
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
     prompt = select_prompts(inputs, prompt_index)
@@ -233,12 +244,12 @@ def completion_logprobs(
     logits = model(
         input_ids=ids, attention_mask=attention, logits_to_keep=t + 1, use_cache=False, **extra
     ).logits
-    return token_logprobs(logits[:, :-1], completion_ids, temperature)  # [n, T]
+    return token_logprobs(logits[:, :-1], completion_ids, temperature, with_entropy=with_entropy)  # [n, T]
 
 
 def _zoom_full_logprobs(
-    model, inputs, prompt_index, completion_ids, zoom: ZoomColumns, temperature
-) -> Tensor:
+    model, inputs, prompt_index, completion_ids, zoom: ZoomColumns, temperature, with_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """The per-row path for zoom completions: prompt and completion in one forward, every image of a row (its
     prompt's, then its crops) from the rollout's bank, the rollout's positions."""
     prompt = select_prompts({k: v for k, v in inputs.items() if k != "pixel_values"}, prompt_index)
@@ -256,7 +267,7 @@ def _zoom_full_logprobs(
         use_cache=False,
         **zoom.vision.select([i for images in zoom.row_images for i in images]),
     ).logits  # [n, T + 1, V]
-    return _zoom_logprobs(logits, completion_ids, zoom, temperature)
+    return _zoom_logprobs(logits, completion_ids, zoom, temperature, with_entropy)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

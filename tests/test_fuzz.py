@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dip_r1.metrics import DetectionMetrics
-from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, RewardSuite
+from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, Ramp, RewardSuite
 from dip_r1.rewards.functional import look_reward, precision_recall_reward
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -74,9 +74,12 @@ def test_reward_suite_on_arbitrary_answers(group_size, targets, data):
         {
             "format": FormatReward(),
             "look": LookReward(grid=8),
-            "accuracy": PrecisionRecallReward(iou_weighted=True),
+            "accuracy": PrecisionRecallReward(
+                iou_threshold=Ramp(0.3, 0.9, 50), iou_weighted=True, duplicate_penalty=1.0
+            ),
         }
     )
+    suite.set_step(data.draw(st.integers(0, 100)))
     scores = suite(texts, targets, group_size)
     assert set(scores) == {"total", "format", "look", "accuracy"}
     for name, value in scores.items():
@@ -88,9 +91,11 @@ def test_reward_suite_on_arbitrary_answers(group_size, targets, data):
 
 
 @settings(FUZZ, max_examples=1000)
-@given(boxes(), boxes(), boxes(max_size=2), st.floats(0.05, 1.0), st.booleans())
-def test_precision_recall_reward_on_arbitrary_boxes(pred, gt, ignore, threshold, iou_weighted):
-    value = precision_recall_reward(pred, gt, ignore, iou_threshold=threshold, iou_weighted=iou_weighted)
+@given(boxes(), boxes(), boxes(max_size=2), st.floats(0.05, 1.0), st.booleans(), st.floats(0.0, 1.0))
+def test_precision_recall_reward_on_arbitrary_boxes(pred, gt, ignore, threshold, iou_weighted, penalty):
+    value = precision_recall_reward(
+        pred, gt, ignore, iou_threshold=threshold, iou_weighted=iou_weighted, duplicate_penalty=penalty
+    )
     assert math.isfinite(value) and 0.0 <= value <= 1.0
 
 

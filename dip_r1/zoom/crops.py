@@ -8,7 +8,7 @@ patches (:meth:`Zoom.pixels`) and the token ids that stand for them in the seque
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image
@@ -108,3 +108,18 @@ class Zoom:
         for t, h, w in grid_thw.tolist():
             ids += [start] + [pad] * (t * h * w // self.merge**2) + [end]
         return ids
+
+
+def zoom_of(
+    batch: Mapping[str, Any], processor: Any, sampling: SamplingConfig, tokens: TokenIds
+) -> Zoom | None:
+    """The :class:`Zoom` of a collated batch when ``sampling`` zooms, else None; one line when the batch lacks
+    the source images (the model did not ask the data for them)."""
+    if sampling.look_mode != "zoom":
+        return None
+    if "sources" not in batch:
+        raise ValueError(
+            "look_mode 'zoom' needs the source images in the batch: connect the DataModule with the model's "
+            "data_spec() (keep_source)"
+        )
+    return Zoom(batch["sources"], batch["targets"], processor, sampling, tokens)
