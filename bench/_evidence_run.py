@@ -195,8 +195,11 @@ def evaluate(config: Path, sources: list[dict], picture_set: str | None = None, 
         name = str(p.target.get("dataset"))
         counts.setdefault(name, {})[str(p.target.get("image_id"))] = list(image_counts(p))
         by_set.setdefault(name, []).append(p)
+    metrics = evaluator.compute()
+    for name, predictions in by_set.items():  # the crops each answer was shown (0 without the zoom look)
+        metrics[name]["crops"] = sum(len(getattr(p, "crops", [])) for p in predictions) / len(predictions)
     return {
-        "metrics": evaluator.compute(),
+        "metrics": metrics,
         "counts": counts,
         "predictions": by_set,
         "images": pictures.images,

@@ -49,7 +49,7 @@ from dip_r1.cli import subnormals_flushed
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evidence_synthetic.yaml"
 METRICS = ("precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid", "look_boxes", "crops")
-"""Per arm and set; ``crops`` (images cropped per answer) is null where the look does not zoom."""
+"""Per arm and set; ``crops``: crops shown per answer (0 where the look does not zoom)."""
 ANSWER_STATS = ("duplicate_ratio", "look_boxes")
 
 
@@ -219,7 +219,9 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 # A zoom arm on a dip_r1 whose zoom look is not complete: the arm is left out, saying why (the
                 # traceback goes to stderr), and the text arms run on.
                 traceback.print_exc(file=sys.stderr)
-                skipped[name] = f"failed on this dip_r1: {type(exc).__name__}: {exc}"
+                text = " ".join(str(exc).split())  # one line, a long message cut in its middle
+                text = text if len(text) <= 240 else f"{text[:80]} ... {text[-140:]}"
+                skipped[name] = f"failed on this dip_r1: {type(exc).__name__}: {text}"
                 run.remove(out / name, out / "logs" / name)  # no folder without a policy
                 run.stderr({"arm": name, "skipped": skipped[name]})
                 continue

@@ -138,7 +138,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
 
     # The arm's validate.yaml evaluates it as the experiment did: the same F1 on the same set.
     in_domain = splits["test"]["in_domain"]
-    for arm in ("dip_r1", "sft"):
+    for arm in (a for a in ("dip_r1", "sft", "dip_r1_zoom") if a in ran):  # the zoom's look mode included
         logged = _validate(out / arm / "seed1" / "validate.yaml", in_domain)
         assert logged["val/in_domain/images"] == 2.0
         assert logged["val/in_domain/f1"] == pytest.approx(
