@@ -127,10 +127,10 @@ def ensure_base(recipe: dict, quick: bool, out: Path) -> tuple[str, str]:
         raise SystemExit(
             f"evidence: error: no checkpoint at {path} and no model.init_args.warm_start to build it"
         )
-    # The recipe's own warm start builds it, as dip-r1 would.
-    run.build(
-        run.write_config(out / "base.yaml", {k: recipe[k] for k in ("model", "data")}, "builds the base")
-    )
+    # The recipe's own warm start builds it, asked to (a builder builds unasked only at its home).
+    config = copy.deepcopy({k: recipe[k] for k in ("model", "data")})
+    config["model"]["init_args"]["warm_start"].setdefault("init_args", {})["force"] = True
+    run.build(run.write_config(out / "base.yaml", config, "builds the base"))
     return path, f"built by {model['warm_start'].get('class_path')}"
 
 
