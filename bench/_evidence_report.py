@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dip_r1.evaluation import LOWER_IS_BETTER, to_original_pixels
+from dip_r1.evaluation import to_original_pixels
+from dip_r1.report import LOWER_IS_BETTER
 from dip_r1.viz import draw_detections
 
 REWARDS = ("format", "look", "accuracy")

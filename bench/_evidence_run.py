@@ -19,13 +19,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dip_r1.config import LossConfig, SamplingConfig
 from dip_r1.data import DetectionDataModule
 from dip_r1.data.prompts import DetectionPromptBuilder
+from dip_r1.data.sources import SyntheticCrowd
 from dip_r1.export import copy_processor_files
 from dip_r1.models import PolicySpec
-from dip_r1.pretrain import TINY_SYSTEM_PROMPT
-from dip_r1.quickstart import SyntheticCrowd
 from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, RewardSuite
+from dip_r1.tiny.curriculum import TINY_SYSTEM_PROMPT
 
 ARMS = ("base", "sft", "dip_r1", "no_look", "accuracy_only")
 SETS = ("in_domain", "out_of_domain")
@@ -136,10 +137,6 @@ class Budget:
     """Weight of the look reward in the ``dip_r1`` arm (the other arms weight it 0)."""
     iou_weighted: bool = False
     """The accuracy reward counts a match by its IoU instead of 1 (``PrecisionRecallReward(iou_weighted)``)."""
-    look_gate: str | None = None
-    """A reward the ``dip_r1`` arm's look reward is multiplied by in the total (``RewardSuite(gates)``), or None."""
-    look_mode: str = "f1"
-    """The look reward's ``mode`` (``LookReward(mode)``)."""
     look_credit: bool = True
     """The look reward's advantage reaches only the tokens of the look block (``RewardSuite(credit)``)."""
     look_resolve: bool = True
@@ -164,12 +161,11 @@ def reward_suite(arm: str, budget: Budget) -> RewardSuite:
     """The three rewards with the arm's weights."""
     rewards = {
         "format": FormatReward(),
-        "look": LookReward(mode=budget.look_mode, resolve=budget.look_resolve),
+        "look": LookReward(resolve=budget.look_resolve),
         "accuracy": PrecisionRecallReward(iou_weighted=budget.iou_weighted),
     }
-    gates = {"look": budget.look_gate} if arm == "dip_r1" and budget.look_gate else None
-    credit = {"look": "look"} if arm == "dip_r1" and budget.look_credit else None
-    return RewardSuite(rewards, reward_weights(arm, budget.look_weight), gates, credit)
+    credit = {"look": "look"} if arm == "dip_r1" and budget.look_credit else {}
+    return RewardSuite(rewards, reward_weights(arm, budget.look_weight), credit=credit)
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -205,9 +201,11 @@ def _module(arm: str, path: str | Path, budget: Budget, *, evaluation: bool = Fa
         spec,
         rewards=reward_suite(arm if arm in REWARD_WEIGHTS else "dip_r1", budget),
         group_size=g,
-        max_new_tokens=budget.eval_max_new_tokens if evaluation else budget.max_new_tokens,
-        temperature=budget.temperature,
-        beta=0.0 if evaluation else budget.beta,
+        sampling=SamplingConfig(
+            max_new_tokens=budget.eval_max_new_tokens if evaluation else budget.max_new_tokens,
+            temperature=budget.temperature,
+        ),
+        loss=LossConfig(beta=0.0 if evaluation else budget.beta),
         micro_batch_size=g * max(1, 16 // g),  # whole groups: each prompt is run once, shared by its group
         optimizer=functools.partial(torch.optim.AdamW, lr=budget.lr, weight_decay=0.0),
     )

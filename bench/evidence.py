@@ -76,15 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--iou-weighted", action="store_true", help="the accuracy reward counts each match by its IoU"
     )
     p.add_argument(
-        "--look-gate",
-        choices=["accuracy", "format"],
-        default=None,
-        help="multiply the dip_r1 arm's look reward by this reward in the total (RewardSuite gates)",
-    )
-    p.add_argument(
-        "--look-mode", choices=["f1", "focus", "coverage"], default="f1", help="the look reward's mode"
-    )
-    p.add_argument(
         "--look-credit",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -163,8 +154,6 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         eval_batch_size=args.eval_batch_size,
         look_weight=args.look_weight,
         iou_weighted=args.iou_weighted,
-        look_gate=args.look_gate,
-        look_mode=args.look_mode,
         look_resolve=args.look_resolve,
         look_credit=args.look_credit,
     )

@@ -40,49 +40,43 @@ import time
 
 import _common
 
+from dip_r1.config import LossConfig, SamplingConfig
+
 START_RSS = _common.rss_mb()
 
 
-class _Probe:
-    """Counts images through the vision encoder, by phase, and times the rollout."""
+class Probe:
+    """Counts images through the vision encoder by the module's phase (a forward hook), and reads each step's
+    rollout time and tokens from what the module keeps (``step_timings``, ``last_rollout``)."""
 
-    def __init__(self) -> None:
-        self.phase = "scoring"
+    def __init__(self, module) -> None:
+        self.module = module
         self.images = {"rollout": 0, "scoring": 0}
         self.forwards = 0
-        self.rollout_s = 0.0
-        self.tokens = 0
-        self.last = None  # the last Rollout, for the forward-backward bound
+        visual = next(m for n, m in module.policy.named_modules() if n.rsplit(".", 1)[-1] == "visual")
+        visual.register_forward_hook(self._count, with_kwargs=True)
 
-    def hook_vision(self, model) -> None:
-        visual = next(m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual")
+    def _count(self, module, args, kwargs, output) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.images["rollout" if self.module.phase == "rollout" else "scoring"] += len(grid)
+        self.forwards += 1
 
-        def count(module, args, kwargs, output):
-            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-            self.images[self.phase] += len(grid)
-            self.forwards += 1
-
-        visual.register_forward_hook(count, with_kwargs=True)
-
-    def wrap_sampler(self, sampler):
-        def sample(*args, **kwargs):
-            self.phase, start = "rollout", time.perf_counter()
-            try:
-                rollout = sampler(*args, **kwargs)
-            finally:
-                self.phase = "scoring"
-            self.rollout_s += time.perf_counter() - start
-            self.last = rollout
-            self.tokens += int(rollout.mask.sum())
-            return rollout
-
-        return sample
+    @property
+    def last(self):
+        """The last step's Rollout."""
+        record = self.module.last_rollout
+        return record.rollout if record is not None else None
 
     def take(self) -> dict:
-        out = {**self.images, "forwards": self.forwards, "rollout_s": self.rollout_s, "tokens": self.tokens}
-        last = self.last
-        self.__init__()
-        self.last = last
+        """This step's counts (since the last call) and times."""
+        rollout = self.last
+        out = {
+            **self.images,
+            "forwards": self.forwards,
+            "rollout_s": self.module.step_timings.get("rollout_s", 0.0),
+            "tokens": int(rollout.mask.sum()) if rollout is not None else 0,
+        }
+        self.images, self.forwards = {"rollout": 0, "scoring": 0}, 0
         return out
 
 
@@ -152,9 +146,10 @@ def build_module(args):
     return GRPOModule(
         policy,
         group_size=args.group,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.max_new_tokens if args.fixed_length else 0,
-        beta=args.beta,
+        sampling=SamplingConfig(
+            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens if args.fixed_length else 0
+        ),
+        loss=LossConfig(beta=args.beta),
         micro_batch_size=args.micro_batch_size,
         share_prompt_prefix=not args.no_share_prompt_prefix,
         rollout_merge_lora=not args.no_merge_lora,
@@ -166,19 +161,11 @@ def build_module(args):
 def run(args) -> dict:
     import lightning as L
 
-    import dip_r1.module
-
     L.seed_everything(args.seed, verbose=False)
-    probe = _Probe()
-    sampler = dip_r1.module.sample_completions
-    dip_r1.module.sample_completions = probe.wrap_sampler(sampler)
-    try:
-        return _run(args, probe)
-    finally:
-        dip_r1.module.sample_completions = sampler
+    return _run(args)
 
 
-def _run(args, probe: _Probe) -> dict:
+def _run(args) -> dict:
     import lightning as L
     import torch
 
@@ -187,7 +174,7 @@ def _run(args, probe: _Probe) -> dict:
     if args.release_load_memory:
         _common.release_load_memory(module.policy)
     loaded_rss = _common.rss_mb()
-    probe.hook_vision(module.policy)
+    probe = Probe(module)
     size = args.image_size
     empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
     batch = {
@@ -269,14 +256,14 @@ def bounds(module, inputs, rollout, args) -> dict:
     from transformers.cache_utils import StaticCache
 
     from dip_r1.decoding import merged_lora
-    from dip_r1.rollout import _prompt_positions, completion_logprobs, micro_batches, select_prompts
+    from dip_r1.scoring import completion_logprobs, micro_batches, prompt_positions, select_prompts
 
     model, hp = module.policy, module.hparams
     n, t = len(rollout.prompt_index), args.max_new_tokens
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = select_prompts(inputs, rollout.prompt_index)  # [N, P]: each prompt G times (untimed prefill)
     p = rows["input_ids"].shape[1]
-    positions = _prompt_positions(model, rows)  # [3, N, P] or None
+    positions = prompt_positions(model, rows)  # [3, N, P] or None
     extra = {"position_ids": positions} if positions is not None else {}
     mask = rows["attention_mask"].new_ones(n, p + t)  # [N, P + T]: a static cache attends all its positions
     mask[:, :p] = rows["attention_mask"]
@@ -311,7 +298,7 @@ def bounds(module, inputs, rollout, args) -> dict:
                 rollout.prompt_index[mb],
                 rollout.completion_ids[mb],
                 rollout.mask[mb],
-                temperature=hp.temperature,
+                temperature=module.sampling.temperature,
                 image_features=rollout.image_features,
                 share_prefix=hp.share_prompt_prefix,
             ).sum().backward()

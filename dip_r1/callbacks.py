@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,11 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
-from torch import Tensor
 
 from dip_r1 import viz
-from dip_r1.evaluation import Prediction, has_ground_truth, prediction_record
-from dip_r1.rewards import ParsedCompletion
-
-
-@dataclass
-class RolloutRecord:
-    """What one training step sampled and scored, kept for the callbacks (references, no copies)."""
-
-    step: int
-    """``trainer.global_step`` before the step."""
-    group_size: int
-    """G: completion ``j`` answers prompt ``j // G``."""
-    texts: list[str]
-    """The ``B * G`` completions."""
-    parsed: list[ParsedCompletion]
-    """Each completion, parsed (boxes in model coordinates)."""
-    scores: dict[str, Tensor]
-    """``"total"`` and each reward, ``Tensor[B * G]`` on the CPU."""
-    targets: list[dict]
-    """One target per prompt."""
-    images: list[Image.Image] | None = field(default=None)
-    """One (resized) image per prompt, when the batch carried them."""
+from dip_r1.evaluation import Prediction, has_ground_truth
+from dip_r1.report import prediction_record
+from dip_r1.rollout import RolloutRecord
 
 
 def _due(batch_idx: int, every_n_steps: int) -> bool:
@@ -168,7 +147,7 @@ def _safe(name: str) -> str:
 class PredictionWriter(BasePredictionWriter):
     """Writes ``dip-r1 predict``'s results: per image a PNG (:func:`dip_r1.viz.draw_detections`: boxes and
     scores, dashed look regions, and with ground truth the true, false and missed boxes) and one line of
-    ``predictions.jsonl`` (:func:`dip_r1.evaluation.prediction_record`).
+    ``predictions.jsonl`` (:func:`dip_r1.report.prediction_record`).
 
     Pictures are drawn on the image the model saw (resized); the JSONL boxes are in original pixels.
     """

@@ -1,11 +1,9 @@
-"""Which completion tokens a reward's advantage reaches.
+"""Which completion tokens spell a block (``<think>``, ``<look>``, ``<answer>``).
 
-GRPO gives every token of a completion the advantage of its total reward. A reward that scores one block of
-the completion (the look reward scores ``<look>``) then also rewards or blames the tokens of the other blocks:
-the answer written after a look that scored well is reinforced whatever its accuracy. With
-``RewardSuite(credit={"look": "look"})`` the tokens of the look block get the advantage of every reward and the
-other tokens the advantage of the rewards not credited to a block (BENCHMARKS.md, issue 10: on the tiny base,
-answers after rewarded looks repeated the looked boxes).
+GRPO gives every token of a completion the advantage of its total reward. A reward that scores one block
+(the look reward scores ``<look>``) would then also reward or blame the tokens of the other blocks;
+``RewardSuite(credit=...)`` sends it to that block's tokens, found here (``docs/look_reward.md``: on the tiny
+base, answers after rewarded looks repeated the looked boxes).
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dip_r1 import grpo
-from dip_r1.rewards import ParsedCompletion, RewardSuite
+from dip_r1.rewards import ParsedCompletion
 
 
 def block_token_mask(
@@ -51,29 +48,3 @@ def _token_spelling(tokenizer: Any, ids: list[int], char: int) -> int:
         else:
             lo = mid + 1
     return lo
-
-
-def credited_advantages(
-    suite: RewardSuite,
-    scores: dict[str, Tensor],
-    advantages: Tensor,
-    tokenizer: Any,
-    completion_ids: Tensor,
-    mask: Tensor,
-    parsed: list[ParsedCompletion],
-    group_size: int,
-    scale: str = "group",
-) -> Tensor:
-    """Per-token advantages ``Tensor[N, T]`` under ``suite.credit``; ``advantages`` (``Tensor[N]``, of the whole
-    total) are returned as they are when no reward is credited to a block."""
-    if not suite.credit:
-        return advantages
-    credited = set(suite.credit)
-    outside = grpo.group_advantages(suite.weighted_total(scores, without=credited), group_size, scale)
-    out = outside.to(advantages)  # [N], then [N, T]
-    for block in dict.fromkeys(suite.credit.values()):
-        others = {name for name, b in suite.credit.items() if b != block}
-        inside = grpo.group_advantages(suite.weighted_total(scores, without=others), group_size, scale)
-        tokens = block_token_mask(tokenizer, completion_ids, mask, parsed, block).to(mask.device)
-        out = grpo.block_advantages(out, inside.to(out), tokens)
-    return out

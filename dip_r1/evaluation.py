@@ -1,7 +1,8 @@
 """Evaluation of a policy: decode, parse once, score each box with the model's own probabilities, measure.
 
-Pure helpers (no Lightning): :class:`~dip_r1.module.GRPOModule`'s ``validation_step`` / ``test_step`` /
-``predict_step`` call them, and they are tested on their own.
+Pure helpers (no Lightning): the ``validation_step`` / ``test_step`` / ``predict_step`` of every policy module
+(:class:`~dip_r1.policy_module.PolicyModule`) and the tiny base's pretraining call them, and they are tested
+on their own. :mod:`dip_r1.report` prints and records what they measure.
 
 Box scores. A box's score is the mean log-probability, under the model that wrote it, of the tokens that
 spell the box (``[x1, y1, x2, y2]`` in the answer). Without scores, AP and MR^-2 of a generative detector
@@ -27,43 +28,19 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from dip_r1.boxes import box_iou
+from dip_r1.config import SamplingConfig
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import to_image_coords
 from dip_r1.metrics import DetectionMetrics
 from dip_r1.models import is_peft
 from dip_r1.rewards import ParsedCompletion, parse_completion
-from dip_r1.rollout import all_logprobs, sample_completions
+from dip_r1.rollout import sample_completions
+from dip_r1.scoring import all_logprobs
+from dip_r1.tokens import TokenIds
+from dip_r1.zoom.geometry import CropGeometry
 
-METRIC_COLUMNS = (
-    "precision",
-    "recall",
-    "f1",
-    "mean_iou",
-    "count_mae",
-    "format_valid",
-    "duplicate_ratio",
-    "look_boxes",
-    "ap",
-    "ap50",
-    "mr2",
-)
-"""The metrics the table shows, in order (every computed metric is logged)."""
-LOWER_IS_BETTER = frozenset({"count_mae", "mr2", "duplicate_ratio"})
 DUPLICATE_IOU = 0.7
 """An answer box that overlaps an earlier box of the same answer at this IoU or more is a repeat."""
-_HEADERS = {
-    "precision": "precision",
-    "recall": "recall",
-    "f1": "F1",
-    "mean_iou": "mean IoU",
-    "count_mae": "count error",
-    "format_valid": "format valid",
-    "duplicate_ratio": "repeated boxes",
-    "look_boxes": "look boxes",
-    "ap": "AP",
-    "ap50": "AP50",
-    "mr2": "MR-2",
-}
 
 
 @dataclass
@@ -94,6 +71,10 @@ class Prediction:
     """The sample's target (model coordinates, ``orig_size``, ``dataset``, ``image_id``, ...)."""
     rewards: dict[str, float] | None = field(default=None)
     """Each reward of this answer when the ground truth is known (predict), else None."""
+    crops: list[CropGeometry] = field(default_factory=list)
+    """Zoom: the crops the answer was shown, in order (``"region": k`` names the ``k``-th)."""
+    source: Any = field(default=None)
+    """Zoom: the source image the crops were cut from (a PIL image), else None."""
 
     @property
     def text(self) -> str:
@@ -142,33 +123,18 @@ def decode_batch(
     model: nn.Module,
     tokenizer: Any,
     inputs: Mapping[str, Tensor],
+    sampling: SamplingConfig,
+    tokens: TokenIds,
     *,
-    max_new_tokens: int,
-    eos_token_id: int | list[int],
-    pad_token_id: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    suppress_token_ids: list[int] | None = None,
     micro_batch_size: int = 8,
 ) -> list[Decoded]:
-    """One completion per prompt (greedy by default) and its tokens' log-probabilities at temperature 1.
+    """One completion per prompt (greedy unless ``sampling.do_sample``) and its tokens' log-probabilities at
+    temperature 1.
 
     The log-probabilities come from one scoring pass over the finished completions (the sampler keeps no
     logits), so greedy and sampled decoding are scored alike.
     """
-    rollout = sample_completions(
-        model,
-        inputs,
-        group_size=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        temperature=temperature,
-        top_p=top_p,
-        do_sample=do_sample,
-        suppress_token_ids=suppress_token_ids,
-    )
+    rollout = sample_completions(model, inputs, sampling, tokens, group_size=1)
     logp = all_logprobs(model, inputs, rollout, micro_batch_size=micro_batch_size, temperature=1.0)
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     out = []
@@ -204,6 +170,22 @@ def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequen
             )
         )
     return out
+
+
+def predict(
+    model: nn.Module,
+    tokenizer: Any,
+    batch: Mapping[str, Any],
+    sampling: SamplingConfig,
+    tokens: TokenIds,
+    *,
+    micro_batch_size: int = 8,
+) -> list[Prediction]:
+    """Decode a collated batch (``inputs``, ``targets``) and parse, score and convert its answers."""
+    decoded = decode_batch(
+        model, tokenizer, batch["inputs"], sampling, tokens, micro_batch_size=micro_batch_size
+    )
+    return make_predictions(tokenizer, decoded, batch["targets"])
 
 
 def has_ground_truth(target: Mapping[str, Any]) -> bool:
@@ -314,92 +296,3 @@ class DetectionEvaluator:
         self.format_valid.clear()
         self.duplicate_ratio.clear()
         self.look_boxes.clear()
-
-
-def flatten(results: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
-    """``{"<prefix>/<dataset>/<metric>": value}``.
-
-    >>> flatten({"crowd": {"f1": 0.5}}, "val")
-    {'val/crowd/f1': 0.5}
-    """
-    return {
-        f"{prefix}/{dataset}/{name}": value for dataset, row in results.items() for name, value in row.items()
-    }
-
-
-def metrics_table(
-    results: Mapping[str, Mapping[str, float]],
-    base: Mapping[str, Mapping[str, float]] | None = None,
-    *,
-    title: str = "evaluation",
-):
-    """A ``rich.table.Table`` with a row per metric and a column per dataset; with ``base``, three columns
-    per dataset: the base model, the trained one and the difference (green where the trained model is
-    better, red where worse). Metrics in rows keep the table narrow enough for a terminal."""
-    from rich.table import Table
-
-    table = Table(title=title, caption="at IoU 0.5; ↓ lower is better")
-    table.add_column("metric", no_wrap=True)
-    columns: list[tuple[str, Mapping[str, float], Mapping[str, float] | None]] = []
-    for dataset, row in results.items():
-        if base is not None and dataset in base:
-            columns += [(f"{dataset}\nbase", base[dataset], None), (f"{dataset}\ntrained", row, None)]
-            columns.append((f"{dataset}\ndifference", row, base[dataset]))
-        else:
-            columns.append((dataset, row, None))
-    for header, _, _ in columns:
-        table.add_column(header, justify="right")
-    table.add_row(
-        "images", *[f"{int(row.get('images', 0))}" if ref is None else "" for _, row, ref in columns]
-    )
-    for name in METRIC_COLUMNS:
-        label = _HEADERS[name] + (" ↓" if name in LOWER_IS_BETTER else "")
-        cells = [
-            _fmt(row.get(name)) if ref is None else _difference(name, row, ref) for _, row, ref in columns
-        ]
-        table.add_row(label, *cells)
-    return table
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def _difference(name: str, row: Mapping[str, float], base: Mapping[str, float]) -> str:
-    a, b = row.get(name), base.get(name)
-    if a is None or b is None or math.isnan(a) or math.isnan(b):
-        return "-"
-    d = a - b
-    better = d < 0 if name in LOWER_IS_BETTER else d > 0
-    colour = "green" if better else ("red" if d != 0 else "dim")
-    return f"[{colour}]{d:+.3f}[/{colour}]"
-
-
-def print_metrics(
-    results: Mapping[str, Mapping[str, float]],
-    base: Mapping[str, Mapping[str, float]] | None = None,
-    *,
-    title: str = "evaluation",
-) -> None:
-    """Print :func:`metrics_table` to the terminal."""
-    from rich.console import Console
-
-    Console().print(metrics_table(results, base, title=title))
-
-
-def prediction_record(p: Prediction, image: str | None = None) -> dict[str, Any]:
-    """One ``predictions.jsonl`` line: raw completion, boxes and look in original pixels, scores, rewards."""
-    target = p.target
-    return {
-        "image_id": target.get("image_id"),
-        "dataset": target.get("dataset"),
-        "image": image,
-        "orig_size": list(target.get("orig_size", ())),
-        "completion": p.text,
-        "well_formed": p.parsed.well_formed,
-        "boxes": [[round(v, 2) for v in box] for box in p.boxes.tolist()],
-        "scores": [round(v, 5) for v in p.scores.tolist()],
-        "labels": p.parsed.labels,
-        "look": [[round(v, 2) for v in box] for box in p.look.tolist()],
-        "rewards": p.rewards,
-    }

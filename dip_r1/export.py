@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dip_r1.config import LossConfig, SamplingConfig
 from dip_r1.models import LoraSpec, PolicySpec, check_model_path, is_peft
 
 PREFIX = "policy."
@@ -42,7 +43,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path} is a sharded (FSDP) checkpoint: consolidate it first with "
             f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
         )
-    with torch.serialization.safe_globals([PolicySpec, LoraSpec]):
+    with torch.serialization.safe_globals([PolicySpec, LoraSpec, SamplingConfig, LossConfig]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

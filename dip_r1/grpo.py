@@ -27,7 +27,7 @@ Where this differs from the paper and from TRL's ``GRPOTrainer``:
   never fires. Several iterations reuse one rollout with the stored ``old_logp``.
 - Credit: GRPO gives every token its completion's advantage. A reward that scores one block of the
   completion can instead reach that block's tokens only (:func:`block_advantages`, ``RewardSuite(credit)``,
-  :mod:`dip_r1.credit`); the default suite does so with the look reward (BENCHMARKS.md, issue 10).
+  :mod:`dip_r1.credit`); the default suite does so with the look reward (``docs/look_reward.md`` says why).
 - ``apply_truncation_mask`` drops completions that hit the length limit without an EOS (TRL's
   ``mask_truncated_completions``, recommended by DAPO): their reward judges an unfinished answer.
 """
@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
-SCALES = ("group", "batch", "none")
+from dip_r1.config import LOSS_TYPES, SCALES, LossConfig
+
 _CHUNK_ELEMENTS = 1 << 24  # logits elements handled at once: 64 MB of float32 temporaries
 
 
@@ -240,23 +240,6 @@ def token_weights(
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
-def aggregate_loss(
-    per_token: Tensor,
-    mask: Tensor,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-    num_sequences: int | None = None,
-) -> Tensor:
-    """Scalar loss from ``per_token`` (``Tensor[N, T]``) over ``mask``; see :func:`token_weights`.
-
-    >>> per_token = torch.tensor([[1.0, 3.0], [4.0, 9.0]])
-    >>> mask = torch.tensor([[1, 1], [1, 0]])
-    >>> [aggregate_loss(per_token, mask, t).item() for t in LOSS_TYPES]  # (2+4)/2, 8/3, 8/4
-    [3.0, 2.6666667461395264, 2.0]
-    """
-    return (per_token * token_weights(mask, loss_type, max_completion_length, num_sequences)).sum()
-
-
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over ``mask`` (same shape); 0 for an empty mask."""
     m = mask.float()
@@ -268,37 +251,32 @@ def grpo_loss(
     old_logp: Tensor,
     ref_logp: Tensor | None,
     advantages: Tensor,
-    mask: Tensor,
-    *,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    weights: Tensor | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
+    weights: Tensor,
+    config: LossConfig = LossConfig(),  # noqa: B008 (frozen: a shared default is safe)
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss: clipped surrogate + ``beta`` x k3 KL, masked and aggregated.
+    """The GRPO loss: clipped surrogate + ``config.beta`` x k3 KL, weighted per token and summed.
 
-    ``logp``, ``old_logp``, ``ref_logp``, ``mask``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` or
-    ``Tensor[N, T]``.
-    ``weights``: this micro-batch's rows of :func:`token_weights` of the full batch; when ``None``
-    they are computed from ``mask`` (the batch is the whole batch). The KL term is added only when
-    ``beta > 0``. Stats (detached, means over this call's masked tokens): "kl" (0 when
-    ``ref_logp`` is None), "clip_ratio".
+    ``logp``, ``old_logp``, ``ref_logp``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` or ``Tensor[N, T]``;
+    ``weights``: these rows of :func:`token_weights` of the whole batch (``config.loss_type``), 0 on tokens
+    outside the loss, so that micro-batch losses sum to the full-batch loss. The KL term is added only when
+    ``beta > 0``. Stats (detached, means over this call's weighted tokens): "kl" (0 when ``ref_logp`` is None),
+    "clip_ratio".
 
     >>> logp = torch.zeros(1, 2, requires_grad=True)
-    >>> loss, stats = grpo_loss(logp, logp.detach(), None, torch.tensor([2.0]), torch.ones(1, 2))
+    >>> weights = token_weights(torch.ones(1, 2))
+    >>> loss, stats = grpo_loss(logp, logp.detach(), None, torch.tensor([2.0]), weights)
     >>> loss.item(), stats["clip_ratio"].item()
     (-2.0, 0.0)
     """
-    if beta > 0 and ref_logp is None:
+    if config.beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
-    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    mask = weights > 0
+    per_token, clipped = clipped_surrogate(
+        logp, old_logp, advantages, config.epsilon_low, config.epsilon_high
+    )
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
-    if beta > 0:
-        per_token = per_token + beta * kl
-    if weights is None:
-        weights = token_weights(mask, loss_type, max_completion_length)
+    if config.beta > 0:
+        per_token = per_token + config.beta * kl
     loss = (per_token * weights).sum()
     stats = {
         "kl": masked_mean(kl.detach(), mask) if kl is not None else logp.new_zeros(()),

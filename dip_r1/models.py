@@ -352,11 +352,6 @@ class PolicySpec:
         return {"coordinates": family_of(AutoConfig.from_pretrained(self.path)).coordinates}
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters an optimiser updates, by name."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def is_peft(model: nn.Module) -> bool:
     """Whether the model carries peft adapters (its reference is then the base with adapters disabled)."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -52,17 +52,11 @@ def _num(x: float) -> str:
 
 
 def check_grpo_settings(hp) -> None:
-    """Check the sampling and optimisation settings of ``GRPOModule`` (its hparams, attribute access)."""
-    check_range("temperature", hp.temperature, 0, None, low_open=True)
-    check_range("top_p", hp.top_p, 0, 1, low_open=True)
-    check_range("max_new_tokens", hp.max_new_tokens, 1)
-    check_range("min_new_tokens", hp.min_new_tokens, 0, hp.max_new_tokens)
+    """Check ``GRPOModule``'s own settings (its hparams, attribute access); :mod:`dip_r1.config`'s objects check
+    theirs when they are built."""
     check_range("micro_batch_size", hp.micro_batch_size, 1)
     check_range("group_size", hp.group_size, 1)
-    check_range("beta", hp.beta, 0)
     check_range("num_iterations", hp.num_iterations, 1)
-    check_range("epsilon_low", hp.epsilon_low, 0)
-    check_range("epsilon_high", hp.epsilon_high, 0)
     check_range("max_grad_norm", hp.max_grad_norm, 0)
     if hp.group_size == 1:
         # Group-relative advantages of a group of one are all 0: only the KL term (beta > 0) gives a gradient.

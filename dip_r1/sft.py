@@ -6,28 +6,16 @@ all (otherwise every reward is 0 and GRPO's advantages vanish).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from dip_r1.boxes import box_area, box_iou
+from dip_r1.config import SamplingConfig
+from dip_r1.data.prompts import format_completion
 from dip_r1.grpo import masked_mean
-from dip_r1.models import (
-    CheckpointBuilder,
-    PolicySpec,
-    check_model_path,
-    checkpoint_state,
-    has_checkpoint,
-    load_processor,
-)
-from dip_r1.rollout import completion_logprobs
-
-
-def _box_text(box: list[float]) -> list[int]:
-    return [round(v) for v in box]
+from dip_r1.models import CheckpointBuilder, PolicySpec
+from dip_r1.policy_module import PolicyModule
+from dip_r1.scoring import completion_logprobs
 
 
 def target_completion(target: dict, *, max_look: int = 2, category: str | None = None) -> str:
@@ -46,20 +34,15 @@ def target_completion(target: dict, *, max_look: int = 2, category: str | None =
     labels = list(target.get("labels") or ["object"] * len(boxes))
     name = category or (max(set(labels), key=labels.count) if labels else "object")
     n = len(boxes)
-    if n > 1:
-        iou = box_iou(boxes, boxes).fill_diagonal_(0).max(dim=1).values
-    else:
-        iou = torch.zeros(n)
+    iou = box_iou(boxes, boxes).fill_diagonal_(0).max(dim=1).values if n > 1 else torch.zeros(n)
     occluded = int((iou > 0).sum())
     order = sorted(range(n), key=lambda i: (-float(iou[i]), float(box_area(boxes[i : i + 1])[0])))
-    look = [_box_text(boxes[i].tolist()) for i in order[:max_look] if n > 1 and iou[i] > 0]
-    answer = [{"bbox_2d": _box_text(b.tolist()), "label": lab} for b, lab in zip(boxes, labels)]
-    think = f"{n} {name}s, {occluded} occluded."
-    return f"<think>{think}</think>\n<look>{json.dumps(look)}</look>\n<answer>{json.dumps(answer)}</answer>"
+    look = [i for i in order[:max_look] if n > 1 and iou[i] > 0]
+    return format_completion(f"{n} {name}s, {occluded} occluded.", boxes[look], boxes, labels)
 
 
-class SFTModule(L.LightningModule):
-    """Cross-entropy on Think-Look-Answer targets, with the same policy loader and data as GRPO.
+class SFTModule(PolicyModule):
+    """Cross-entropy on Think-Look-Answer targets, with the same policy loader, data and evaluation as GRPO.
 
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
@@ -68,6 +51,9 @@ class SFTModule(L.LightningModule):
         max_target_tokens: targets are cut to this many tokens.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-4 by default).
         lr_scheduler: an optional learning-rate scheduler, stepped every step.
+        sampling: how ``validate`` / ``test`` / ``predict`` decode (greedy by default).
+        micro_batch_size: answers scored at once when evaluating.
+        compare_base: also evaluate the base model and print both rows and the difference.
     """
 
     def __init__(
@@ -78,38 +64,21 @@ class SFTModule(L.LightningModule):
         max_target_tokens: int = 512,
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
+        sampling: SamplingConfig = SamplingConfig(do_sample=False),  # noqa: B008 (frozen: a shared default is safe)
+        micro_batch_size: int = 8,
+        compare_base: bool = False,
     ) -> None:
         super().__init__()
         # Plain attributes, not hparams: a warm start (TinySFT) builds this module inside the CLI's own instantiation, where
         # save_hyperparameters would record the outer module's arguments.
         self.max_look = max_look
         self.max_target_tokens = max_target_tokens
-        self.strict_loading = False  # LoRA checkpoints hold only the trainable weights
-        if warm_start is not None and not has_checkpoint(policy.path):
-            warm_start.build(policy.path)
-        self.policy_spec = policy
-        self.processor = load_processor(check_model_path(policy.path))
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
-        self.policy: torch.nn.Module | None = None
-
-    def data_spec(self) -> dict:
-        """What the DataModule needs of this model (see :meth:`PolicySpec.data_spec`)."""
-        return self.policy_spec.data_spec(self.processor)
+        self.setup_policy(policy, warm_start, optimizer, lr_scheduler)
+        self.setup_evaluation(sampling, micro_batch_size, compare_base)
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy, _ = self.policy_spec.load()
-            self.policy.train()
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+            self.load_policy()
 
     def target_ids(self, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [B, T], mask [B, T])``: each target text and its EOS, right-padded."""
@@ -138,10 +107,3 @@ class SFTModule(L.LightningModule):
         loss = -masked_mean(logp, mask)
         self.log("train/sft_loss", loss, prog_bar=True, batch_size=len(ids))
         return loss
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
-        checkpoint["dip_r1"] = {
-            "model": str(self.policy_spec.path),
-            "policy": dataclasses.asdict(self.policy_spec),
-        }

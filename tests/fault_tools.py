@@ -92,7 +92,7 @@ def fit_config(run: Path, model: str, data: Path, n_images: int = 12, **model_ar
                 "policy": {"path": model, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
                 "rewards": {"rewards": {"length": {"class_path": "fault_tools.LengthReward"}}},
                 "group_size": 4,
-                "max_new_tokens": 12,
+                "sampling": {"max_new_tokens": 12},
                 "micro_batch_size": 8,
                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
                 "lr_scheduler": {

@@ -80,23 +80,57 @@ def logits(model, inputs) -> torch.Tensor:
 
 def synthetic_crowd(root, name: str, seed: int, n: int = 4):
     """A small seeded synthetic crowd dataset (112 x 84 images, 1 to 3 people) under ``root / name``."""
-    from dip_r1.quickstart import SyntheticCrowd
+    from dip_r1.data.sources import SyntheticCrowd
 
     return SyntheticCrowd(
         str(root / name), n=n, seed=seed, width=112, height=84, min_people=1, max_people=3, name=name
     )
 
 
+def sample(
+    model,
+    inputs,
+    *,
+    group_size: int = 1,
+    eos: int | list[int] = 10**6,
+    pad: int = 0,
+    suppress: list[int] = (),
+    preallocate: bool = True,
+    merge_lora: bool = True,
+    compile_decode: bool = False,
+    **sampling,
+):
+    """``sample_completions`` with its settings spelled out: ``sampling`` are :class:`SamplingConfig` fields."""
+    from dip_r1.config import SamplingConfig
+    from dip_r1.rollout import sample_completions
+    from dip_r1.tokens import TokenIds
+
+    tokens = TokenIds(
+        eos=tuple([eos] if isinstance(eos, int) else eos), pad=pad, never_sampled=tuple(suppress)
+    )
+    return sample_completions(
+        model,
+        inputs,
+        SamplingConfig(**sampling),
+        tokens,
+        group_size=group_size,
+        preallocate=preallocate,
+        merge_lora=merge_lora,
+        compile_decode=compile_decode,
+    )
+
+
 def rollout_settings(module, monkeypatch) -> list[dict]:
-    """The keyword arguments of every rollout (``sample_completions``) of one training step of ``module``."""
+    """The settings of every rollout (``sample_completions``) of one training step of ``module``: ``sampling``,
+    ``tokens`` and the keyword arguments."""
     import dip_r1.module
     from dip_r1.rollout import sample_completions
 
     seen: list[dict] = []
 
-    def spy(model, inputs, **kw):
-        seen.append(kw)
-        return sample_completions(model, inputs, **kw)
+    def spy(model, inputs, sampling, tokens, **kw):
+        seen.append({"sampling": sampling, "tokens": tokens, **kw})
+        return sample_completions(model, inputs, sampling, tokens, **kw)
 
     monkeypatch.setattr(dip_r1.module, "sample_completions", spy)
     fit_one_step(module)
@@ -105,17 +139,16 @@ def rollout_settings(module, monkeypatch) -> list[dict]:
 
 def assert_each_eos_stops(module, inputs: dict) -> None:
     """Each of the module's EOS ids ends a completion at once when it is the only token that may be sampled."""
-    from dip_r1.rollout import sample_completions
-
     vocab = module.policy.get_output_embeddings().weight.shape[0]
-    for eos in module.eos_ids:
-        rollout = sample_completions(
+    ids = module.token_ids
+    for eos in ids.eos:
+        rollout = sample(
             module.policy,
             inputs,
             group_size=2,
             max_new_tokens=6,
-            eos_token_id=module.eos_ids,
-            pad_token_id=module.pad_id,
-            suppress_token_ids=[i for i in range(vocab) if i != eos],
+            eos=list(ids.eos),
+            pad=ids.pad,
+            suppress=[i for i in range(vocab) if i != eos],
         )
         assert rollout.lengths.tolist() == [1] * 4 and not rollout.truncated.any(), eos

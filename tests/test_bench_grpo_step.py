@@ -6,8 +6,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import dip_r1.module
-
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -24,7 +22,6 @@ def _load_bench():
 
 def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
     bench = _load_bench()
-    sampler = dip_r1.module.sample_completions
     argv = ["--model", tiny_qwen2_vl, "--prompts", "2", "--group", "3", "--max-new-tokens", "4"]
     import torch
 
@@ -41,7 +38,6 @@ def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
     assert result["vision_calls_per_step"] == 2
     assert result["vision_calls_scoring_per_step"] == 0
     assert result["tokens_per_step"] == 2 * 3 * 4  # --fixed-length: every completion exactly T tokens
-    assert dip_r1.module.sample_completions is sampler  # the probe is removed afterwards
 
 
 def test_benchmark_model_sizes():

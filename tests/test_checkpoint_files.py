@@ -9,6 +9,7 @@ import shutil
 import torch
 from helpers import assert_each_eos_stops, prompt_batch, rollout_settings
 
+from dip_r1.config import SamplingConfig
 from dip_r1.models import PolicySpec, load_processor, processor_class
 from dip_r1.module import GRPOModule
 from dip_r1.tiny import CHAT_TEMPLATE
@@ -54,17 +55,17 @@ def test_recipe_sampling_wins_and_every_eos_id_stops(tiny_qwen2_5_vl, tmp_path, 
     module = GRPOModule(
         PolicySpec(str(folder)),
         group_size=2,
-        max_new_tokens=6,
-        temperature=0.9,
-        top_p=0.95,
+        sampling=SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
     )
     module.configure_model()
-    assert module.eos_ids == eos
+    assert list(module.token_ids.eos) == eos
     seen = rollout_settings(module, monkeypatch)
     # the rollout's settings are the recipe's, never the checkpoint's generation defaults
-    assert [(kw["temperature"], kw["top_p"], kw["max_new_tokens"]) for kw in seen] == [(0.9, 0.95, 6)]
-    assert seen[0]["eos_token_id"] == eos
+    assert [
+        (kw["sampling"].temperature, kw["sampling"].top_p, kw["sampling"].max_new_tokens) for kw in seen
+    ] == [(0.9, 0.95, 6)]
+    assert list(seen[0]["tokens"].eos) == eos
     # the second EOS id (<|endoftext|>) ends a completion as the first does
     assert_each_eos_stops(module, prompt_batch(module.processor))
 

@@ -85,7 +85,7 @@ def test_a_missing_image_folder_is_caught_at_construction(tmp_path):
 
 def test_a_setting_out_of_range_is_one_line(run_cli):
     # a CLI override as a user would type it: the settings are checked before any weights load
-    message = str(run_cli(lambda c: None, "--model.init_args.temperature", "0").code)
-    assert message == "dip-r1: error: temperature must be > 0, got 0.0"
+    message = str(run_cli(lambda c: None, "--model.init_args.sampling.temperature", "0").code)
+    assert message == "dip-r1: error: sampling.temperature must be > 0, got 0.0"
     message = str(run_cli(lambda c: None, "--model.init_args.micro_batch_size", "0").code)
     assert message == "dip-r1: error: micro_batch_size must be >= 1, got 0"

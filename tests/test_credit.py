@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dip_r1.credit import block_token_mask, credited_advantages
+from dip_r1.config import SamplingConfig
+from dip_r1.credit import block_token_mask
 from dip_r1.grpo import group_advantages
 from dip_r1.rewards import LookReward, PrecisionRecallReward, RewardSuite, parse_completion
 
@@ -55,21 +56,26 @@ def test_credited_advantages_give_the_look_reward_to_the_look_tokens_only(tokeni
     completion_ids, mask = _rows(tokenizer, texts)
     parsed = [parse_completion(t) for t in texts]
     suite = RewardSuite(
-        {"look": LookReward(grid=8), "accuracy": PrecisionRecallReward()}, credit={"look": "look"}
+        {"look": LookReward(grid=8, resolve=False), "accuracy": PrecisionRecallReward()},
+        credit={"look": "look"},
     )
     targets = [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "ignore": torch.zeros(0, 4), "image_size": (10, 10)}]
     scores = suite(parsed, targets, 3)
     assert scores["look"][0] > 0 and scores["look"][1:].tolist() == [0.0, 0.0]
     full = group_advantages(scores["total"], 3)
-    out = credited_advantages(suite, scores, full, tokenizer, completion_ids, mask, parsed, 3)
     look = block_token_mask(tokenizer, completion_ids, mask, parsed, "look")
+    out = suite.advantages(
+        scores, 3, block_mask=lambda block: block_token_mask(tokenizer, completion_ids, mask, parsed, block)
+    )
     outside = group_advantages(scores["accuracy"], 3)
     assert out.shape == mask.shape
     assert torch.equal(out[look], full[:, None].expand_as(out)[look])  # the look block: every reward
     assert torch.equal(out[~look], outside[:, None].expand_as(out)[~look])  # elsewhere: accuracy alone
     # Without credit the advantages are GRPO's, one per completion.
-    plain = RewardSuite({"look": LookReward(grid=8), "accuracy": PrecisionRecallReward()})
-    assert credited_advantages(plain, scores, full, tokenizer, completion_ids, mask, parsed, 3) is full
+    plain = RewardSuite({"look": LookReward(grid=8), "accuracy": PrecisionRecallReward()}, credit={})
+    assert torch.equal(plain.advantages(scores, 3), full)
+    with pytest.raises(ValueError, match="block_mask"):
+        suite.advantages(scores, 3)
 
 
 def test_credit_names_a_reward_and_a_block():
@@ -95,7 +101,7 @@ def test_a_reward_credited_to_a_block_no_completion_writes_moves_nothing(tiny_qw
             PolicySpec(tiny_qwen2_vl),
             rewards=RewardSuite({"digits": DigitReward()}, credit=credit),
             group_size=4,
-            max_new_tokens=8,
+            sampling=SamplingConfig(max_new_tokens=8),
             micro_batch_size=8,
             optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
         )

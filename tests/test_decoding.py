@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import prompt_batch
+from helpers import prompt_batch, sample
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from dip_r1 import decoding, reuse
 from dip_r1.models import LoraSpec, load_policy
-from dip_r1.rollout import sample_completions
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,7 @@ def _lora_policy(path):
 
 def _rollout(model, inputs, seed=0, **kw):
     torch.manual_seed(seed)
-    return sample_completions(
-        model, inputs, group_size=3, max_new_tokens=10, eos_token_id=[10**6], pad_token_id=0, **kw
-    )
+    return sample(model, inputs, group_size=3, max_new_tokens=10, **kw)
 
 
 def test_preallocated_cache_equals_dynamic_in_every_family(

@@ -12,6 +12,7 @@ from helpers import prompt_batch, toy_targets
 
 from dip_r1 import grpo
 from dip_r1 import module as module_mod
+from dip_r1.config import LossConfig, SamplingConfig
 from dip_r1.data.module import DetectionDataModule, TrackedBatch
 from dip_r1.models import PolicySpec
 from dip_r1.module import GRPOModule
@@ -38,7 +39,7 @@ def _module(path, reward=None, **kw) -> GRPOModule:
     options = dict(
         rewards=RewardSuite({"r": reward or LengthReward()}),
         group_size=G,
-        max_new_tokens=6,
+        sampling=SamplingConfig(max_new_tokens=6),
         micro_batch_size=8,
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
@@ -91,20 +92,23 @@ def test_empty_and_fully_masked_completions_give_a_finite_loss(loss_type):
         torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool), torch.tensor([False, True, False])
     )
     assert mask.sum(dim=1).tolist() == [1, 0, 3]
-    loss, stats = grpo.grpo_loss(
-        logp, logp.detach(), None, torch.tensor([1.0, -1.0, 0.5]), mask, loss_type=loss_type
-    )
+    cfg = LossConfig(loss_type=loss_type)
+    weights = grpo.token_weights(mask, loss_type)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0, -1.0, 0.5]), weights, cfg)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
     assert logp.grad[1].tolist() == [0.0, 0.0, 0.0]  # the masked completion teaches nothing
     all_masked = torch.zeros_like(mask)
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.ones(3), all_masked, loss_type=loss_type)
+    weights = grpo.token_weights(all_masked, loss_type)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.ones(3), weights, cfg)
     assert loss.item() == 0.0
 
 
 def test_every_completion_truncated_and_masked_trains_on(tiny_qwen2_vl, tmp_path):
     # max_new_tokens=1: every completion is one token, and truncated unless that token is EOS
-    module = _module(tiny_qwen2_vl, max_new_tokens=1, mask_truncated=True)
+    module = _module(
+        tiny_qwen2_vl, sampling=SamplingConfig(max_new_tokens=1), loss=LossConfig(mask_truncated=True)
+    )
     trainer, (row,) = train(module, [_batch(module)], 1, tmp_path)
     assert float(row["train/completion_length"]) == 1.0 and 0.0 <= float(row["train/truncated_ratio"]) <= 1.0
     assert math.isfinite(float(row["train/loss"])) and module.skipped_steps == 0 and trainer.global_step == 1

@@ -13,8 +13,9 @@ import torch
 from helpers import quiet_trainer, synthetic_crowd
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from dip_r1 import evaluation
+from dip_r1 import report
 from dip_r1.callbacks import CompletionsTable, GroupPictures, PredictionWriter
+from dip_r1.config import SamplingConfig
 from dip_r1.data import DetectionDataModule
 from dip_r1.evaluation import Decoded, DetectionEvaluator, make_predictions, span_scores, token_char_ends
 from dip_r1.grpo import token_logprobs
@@ -122,7 +123,7 @@ def test_evaluator_reports_each_dataset_in_original_pixels():
         0.0,
         1.0,
     )  # no answer block
-    assert evaluation.flatten(results, "val")["val/a/recall"] == 0.5
+    assert report.flatten(results, "val")["val/a/recall"] == 0.5
 
 
 def test_evaluator_counts_repeated_answer_boxes_and_look_boxes():
@@ -145,7 +146,7 @@ def test_evaluator_counts_repeated_answer_boxes_and_look_boxes():
 def test_table_shows_base_trained_and_difference(capsys):
     trained = {"crowd": {"f1": 0.5, "mr2": 0.6, "images": 3}}
     base = {"crowd": {"f1": 0.25, "mr2": 0.8, "images": 3}}
-    evaluation.print_metrics(trained, base, title="val")
+    report.print_metrics(trained, base, title="val")
     out = capsys.readouterr().out
     assert "base" in out and "trained" in out and "difference" in out
     assert "+0.250" in out and "-0.200" in out
@@ -161,14 +162,14 @@ def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base
     L.seed_everything(0)
     module = GRPOModule(
         PolicySpec(tiny_model, lora=LoraSpec(r=4)),
-        max_new_tokens=12,
+        sampling=SamplingConfig(max_new_tokens=12),
         compare_base=True,
         micro_batch_size=4,
     )
     data = DetectionDataModule(val=[synthetic_crowd(tmp_path, "crowd", 1, n=3)], batch_size=2)
     data.connect(module.processor, **module.data_spec())
     (logged,) = _trainer(tmp_path).validate(module, data)
-    for metric in evaluation.METRIC_COLUMNS:
+    for metric in report.METRIC_COLUMNS:
         assert f"val/crowd/{metric}" in logged and f"val_base/crowd/{metric}" in logged, metric
     assert logged["val/crowd/images"] == 3
     # fresh LoRA adapters are zero: the trained and the base model answer alike
@@ -179,7 +180,10 @@ def test_validate_logs_and_prints_metrics_per_dataset_and_compares_with_the_base
 
 def test_predict_writes_pictures_and_jsonl_with_rewards_when_ground_truth_is_known(tiny_qwen2_vl, tmp_path):
     L.seed_everything(0)
-    module = GRPOModule(PolicySpec(tiny_qwen2_vl), max_new_tokens=12)
+    module = GRPOModule(
+        PolicySpec(tiny_qwen2_vl),
+        sampling=SamplingConfig(max_new_tokens=12),
+    )
     annotated = synthetic_crowd(tmp_path, "crowd", 2, n=2)
     list(annotated)  # generate it, so that its images can be predicted on as a plain folder too
     data = DetectionDataModule(
@@ -206,7 +210,7 @@ def test_callbacks_draw_the_group_and_print_the_completions(tiny_qwen2_vl, tmp_p
     module = GRPOModule(
         PolicySpec(tiny_qwen2_vl),
         group_size=4,
-        max_new_tokens=12,
+        sampling=SamplingConfig(max_new_tokens=12),
         micro_batch_size=8,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
     )
@@ -234,7 +238,5 @@ def test_callbacks_draw_the_group_and_print_the_completions(tiny_qwen2_vl, tmp_p
 
 
 def test_every_built_in_dataset_has_an_evaluation_recipe():
-    names = {p.stem for p in (ROOT / "recipes").glob("eval_*.yaml")}
-    assert names == {
-        f"eval_{n}" for n in ("crowdhuman", "citypersons", "widerperson", "wider_pedestrian", "uavdt", "coco")
-    }
+    names = {p.stem for p in (ROOT / "recipes" / "eval").glob("*.yaml")} - {"base"}
+    assert names == {"crowdhuman", "citypersons", "widerperson", "wider_pedestrian", "uavdt", "coco"}

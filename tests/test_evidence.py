@@ -89,7 +89,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys, monkeypatch):
             "--config",
             str(BENCH.parent / "recipes/quickstart.yaml"),
             f"--model.init_args.policy.path={out / 'dip_r1' / 'seed0'}",
-            "--model.init_args.max_new_tokens=8",
+            "--model.init_args.sampling.max_new_tokens=8",
             "--trainer.enable_progress_bar=false",
             f"--data.train=[{crowd % 'train'}]",
             f"--data.val=[{crowd % 'val'}]",

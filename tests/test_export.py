@@ -12,6 +12,7 @@ import torch
 from helpers import logits, prompt_batch, train_and_save
 
 from dip_r1 import export
+from dip_r1.config import SamplingConfig
 from dip_r1.models import LoraSpec, PolicySpec, load_policy, load_processor
 from dip_r1.module import GRPOModule
 from dip_r1.sft import SFTModule
@@ -24,7 +25,7 @@ def lora_run(tiny_model, tmp_path_factory):
     module = GRPOModule(
         PolicySpec(tiny_model, lora=LoraSpec(r=4, alpha=8)),
         group_size=2,
-        max_new_tokens=4,
+        sampling=SamplingConfig(max_new_tokens=4),
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
     ckpt = tmp_path_factory.mktemp("lora") / "last.ckpt"

@@ -99,11 +99,10 @@ def test_precision_recall_reward_on_arbitrary_boxes(pred, gt, ignore, threshold,
     st.lists(st.one_of(st.none(), boxes()), min_size=1, max_size=6),
     st.data(),
     st.tuples(st.floats(1e-3, 1e5), st.floats(1e-3, 1e5)),
-    st.sampled_from(["f1", "focus", "coverage"]),
 )
-def test_look_reward_on_arbitrary_boxes(answers, data, size, mode):
+def test_look_reward_on_arbitrary_boxes(answers, data, size):
     looks = data.draw(st.lists(st.one_of(st.none(), boxes()), min_size=len(answers), max_size=len(answers)))
-    value = look_reward(answers, looks, size, grid=8, mode=mode)
+    value = look_reward(answers, looks, size, grid=8)
     assert value.shape == (len(answers),) and torch.isfinite(value).all()
     assert ((value >= 0) & (value <= 1 + 1e-6)).all()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dip_r1 import grpo
+from dip_r1.config import LossConfig
 from dip_r1.grpo import (
     LOSS_TYPES,
-    aggregate_loss,
     apply_truncation_mask,
     clipped_surrogate,
     completion_mask,
@@ -173,15 +173,19 @@ PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
 
 
-def test_aggregate_loss_by_hand():
-    close(aggregate_loss(PER_TOKEN, MASK, "grpo"), ((1 + 2) / 2 + 4) / 2)  # 2.75
-    close(aggregate_loss(PER_TOKEN, MASK, "bnpo"), 7 / 3)
-    close(aggregate_loss(PER_TOKEN, MASK, "dr_grpo"), 7 / (2 * 3))
-    close(aggregate_loss(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4), 7 / 8)
-    close(aggregate_loss(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4, num_sequences=7), 7 / 28)
-    close(aggregate_loss(PER_TOKEN, MASK, "grpo", num_sequences=4), (1.5 + 4) / 4)
+def aggregate(per_token, mask, loss_type, max_completion_length=None, num_sequences=None):
+    return (per_token * token_weights(mask, loss_type, max_completion_length, num_sequences)).sum()
+
+
+def test_token_weights_aggregate_by_hand():
+    close(aggregate(PER_TOKEN, MASK, "grpo"), ((1 + 2) / 2 + 4) / 2)  # 2.75
+    close(aggregate(PER_TOKEN, MASK, "bnpo"), 7 / 3)
+    close(aggregate(PER_TOKEN, MASK, "dr_grpo"), 7 / (2 * 3))
+    close(aggregate(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4), 7 / 8)
+    close(aggregate(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4, num_sequences=7), 7 / 28)
+    close(aggregate(PER_TOKEN, MASK, "grpo", num_sequences=4), (1.5 + 4) / 4)
     with pytest.raises(ValueError):
-        aggregate_loss(PER_TOKEN, MASK, "mean")
+        aggregate(PER_TOKEN, MASK, "mean")
 
 
 def test_token_weights_by_hand_and_empty_sequence():
@@ -201,17 +205,17 @@ def test_micro_batches_sum_to_full_batch_loss(loss_type):
     adv = torch.randn(n, generator=g)
     lengths = torch.tensor([6, 1, 3, 0, 5, 2, 4])
     mask = torch.arange(t)[None, :] < lengths[:, None]
-    kwargs = dict(beta=0.04, loss_type=loss_type, max_completion_length=8)
-
-    full, _ = grpo_loss(logp, old, ref, adv, mask, **kwargs)
+    cfg = LossConfig(beta=0.04, loss_type=loss_type)
     weights = token_weights(mask, loss_type, 8)
+
+    full, _ = grpo_loss(logp, old, ref, adv, weights, cfg)
     parts = [
-        grpo_loss(logp[mb], old[mb], ref[mb], adv[mb], mask[mb], weights=weights[mb], **kwargs)[0]
+        grpo_loss(logp[mb], old[mb], ref[mb], adv[mb], weights[mb], cfg)[0]
         for mb in (slice(0, 3), slice(3, 4), slice(4, 7))
     ]
     close(sum(parts), full, 1e-6)
     per_token, _ = clipped_surrogate(logp, old, adv)
-    close(full, aggregate_loss(per_token + 0.04 * kl_k3(logp, ref), mask, loss_type, 8), 1e-6)
+    close(full, aggregate(per_token + 0.04 * kl_k3(logp, ref), mask, loss_type, 8), 1e-6)
 
 
 # ---------------------------------------------------------------- the whole loss
@@ -220,24 +224,24 @@ def test_micro_batches_sum_to_full_batch_loss(loss_type):
 def test_grpo_loss_kl_term_only_with_beta():
     logp = torch.zeros(2, 2)
     ref = torch.full((2, 2), -1.0)  # k3 = exp(-1) - (-1) - 1 = 1/e per token
-    mask = torch.tensor([[1, 1], [1, 0]])
+    weights = token_weights(torch.tensor([[1, 1], [1, 0]]))
     adv = torch.tensor([0.0, 0.0])
-    loss, stats = grpo_loss(logp, logp, ref, adv, mask, beta=0.5)
+    loss, stats = grpo_loss(logp, logp, ref, adv, weights, LossConfig(beta=0.5))
     close(loss, 0.5 / math.e)
     close(stats["kl"], 1 / math.e)
-    loss, stats = grpo_loss(logp, logp, ref, adv, mask, beta=0.0)
+    loss, stats = grpo_loss(logp, logp, ref, adv, weights, LossConfig(beta=0.0))
     close(loss, 0.0)
     close(stats["kl"], 1 / math.e)  # still measured when a reference is given
-    _, stats = grpo_loss(logp, logp, None, adv, mask)
+    _, stats = grpo_loss(logp, logp, None, adv, weights)
     close(stats["kl"], 0.0)
     with pytest.raises(ValueError):
-        grpo_loss(logp, logp, None, adv, mask, beta=0.1)
+        grpo_loss(logp, logp, None, adv, weights, LossConfig(beta=0.1))
 
 
 def test_grpo_loss_clip_ratio_counts_masked_tokens_only():
     logp = torch.log(torch.tensor([[1.5, 1.5, 1.0], [0.5, 1.0, 0.5]]))
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the clipped token at [1, 2] is masked out
-    _, stats = grpo_loss(logp, torch.zeros(2, 3), None, torch.tensor([1.0, -1.0]), mask)
+    _, stats = grpo_loss(logp, torch.zeros(2, 3), None, torch.tensor([1.0, -1.0]), token_weights(mask))
     close(stats["clip_ratio"], 3 / 4)  # [0, 0], [0, 1], [1, 0]
 
 
@@ -251,7 +255,7 @@ def test_one_sgd_step_follows_the_advantage_sign_and_ignores_truncated():
     adv = torch.tensor([1.0, -1.0, 5.0])
 
     before = token_logprobs(logits, labels)
-    loss, _ = grpo_loss(before, before.detach(), None, adv, mask)
+    loss, _ = grpo_loss(before, before.detach(), None, adv, token_weights(mask))
     loss.backward()
     with torch.no_grad():
         logits -= 1.0 * logits.grad

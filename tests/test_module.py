@@ -5,8 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import Repeat, prompt_batch, toy_targets
+from helpers import Repeat, prompt_batch, sample, toy_targets
 
+from dip_r1.config import LossConfig, SamplingConfig
 from dip_r1.models import LoraSpec, PolicySpec
 from dip_r1.module import GRPOModule
 from dip_r1.rewards import GroupReward, RewardSuite
@@ -48,7 +49,7 @@ def _module(path, **kw) -> GRPOModule:
     defaults = dict(
         rewards=RewardSuite({"digits": DigitReward()}),
         group_size=8,
-        max_new_tokens=8,
+        sampling=SamplingConfig(max_new_tokens=8),
         micro_batch_size=8,
         optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
     )
@@ -71,7 +72,7 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
     import csv
 
     L.seed_everything(0)
-    _fit(_module(tiny_qwen2_vl, beta=0.1), 2, tmp_path)
+    _fit(_module(tiny_qwen2_vl, loss=LossConfig(beta=0.1)), 2, tmp_path)
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
         header = next(csv.reader(f))
     for key in (
@@ -93,21 +94,17 @@ def test_logs_every_documented_metric(tiny_qwen2_vl, tmp_path):
 
 def test_lora_moves_adapters_only_and_reference_is_the_base(tiny_model, tmp_path):
     L.seed_everything(0)
-    module = _module(tiny_model, lora=LoraSpec(r=4, dropout=0.0), beta=0.1)
+    module = _module(tiny_model, lora=LoraSpec(r=4, dropout=0.0), loss=LossConfig(beta=0.1))
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     batch = {"inputs": prompt_batch(module.processor), "targets": toy_targets(2)}
     torch.manual_seed(1)
     rollout_inputs = batch["inputs"]
-    from dip_r1.rollout import all_logprobs, sample_completions
+    from dip_r1.scoring import all_logprobs
 
-    rollout = sample_completions(
-        module.policy,
-        rollout_inputs,
-        group_size=2,
-        max_new_tokens=6,
-        eos_token_id=module.eos_ids,
-        pad_token_id=module.pad_id,
+    ids = module.token_ids
+    rollout = sample(
+        module.policy, rollout_inputs, group_size=2, max_new_tokens=6, eos=list(ids.eos), pad=ids.pad
     )
     initial = all_logprobs(module.policy, rollout_inputs, rollout, micro_batch_size=4)
     _fit(module, 3, tmp_path, batch)
@@ -148,7 +145,7 @@ def test_qlora_trains_on_cpu_with_finite_loss(tiny_model, tmp_path):
 
 def test_two_iterations_on_one_rollout(tiny_model, tmp_path):
     L.seed_everything(0)
-    module = _module(tiny_model, lora=LoraSpec(r=4), num_iterations=2, beta=0.05)
+    module = _module(tiny_model, lora=LoraSpec(r=4), num_iterations=2, loss=LossConfig(beta=0.05))
     rewards = _fit(module, 2, tmp_path)  # two iterations on one rollout = two optimiser steps
     assert len(rewards) == 1
 
@@ -158,7 +155,7 @@ def test_no_reference_pass_when_beta_is_zero_and_no_old_logprobs_for_one_iterati
 ):
     import dip_r1.module as module_mod
 
-    module = _module(tiny_qwen2_vl, beta=0.0, num_iterations=1)
+    module = _module(tiny_qwen2_vl, loss=LossConfig(beta=0.0), num_iterations=1)
     assert module.ref_model is None
     module.configure_model()
     assert module.ref_model is None  # full fine-tuning, but beta == 0: no frozen copy either

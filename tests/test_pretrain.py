@@ -6,9 +6,10 @@ import json
 
 import torch
 
-from dip_r1.grounding import GroundingHead, cell_targets, grounding_loss, sinusoidal_positions
 from dip_r1.models import load_policy
-from dip_r1.pretrain import Stage, TinyPretrain, pretrain, write_readme
+from dip_r1.tiny.curriculum import Stage
+from dip_r1.tiny.grounding import GroundingHead, cell_targets, grounding_loss, sinusoidal_positions
+from dip_r1.tiny.pretrain import TinyPretrain, pretrain, write_readme
 
 
 def test_cell_targets_assign_each_box_to_the_cell_of_its_centre():
@@ -95,7 +96,7 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
 def test_committed_base_is_the_one_its_readme_describes():
     from pathlib import Path
 
-    from dip_r1.pretrain import sha256
+    from dip_r1.tiny.pretrain import sha256
 
     base = Path(__file__).resolve().parents[1] / "data/tiny-qwen3_vl-seeing"
     record = json.loads((base / "scores.json").read_text())

@@ -24,6 +24,7 @@ from helpers import (
 from published import FIXTURES, NAMES, published_checkpoint
 
 from dip_r1 import export
+from dip_r1.config import SamplingConfig
 from dip_r1.data import DetectionDataModule
 from dip_r1.data.images import open_rgb
 from dip_r1.models import LoraSpec, PolicySpec, chat_template, load_policy, load_processor
@@ -99,22 +100,25 @@ def test_a_grpo_step_takes_the_recipes_sampling_and_every_published_eos_stops(pu
     module = GRPOModule(
         PolicySpec(str(published)),
         group_size=2,
-        max_new_tokens=5,
-        temperature=0.9,
-        top_p=0.97,
+        sampling=SamplingConfig(max_new_tokens=5, temperature=0.9, top_p=0.97),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
     )
     seen = rollout_settings(module, monkeypatch)
     generation = _published_json(published, "generation_config.json")
     assert (generation["temperature"], generation.get("top_p")) != (0.9, 0.97)
-    assert [(kw["temperature"], kw["top_p"], kw["max_new_tokens"]) for kw in seen] == [(0.9, 0.97, 5)]
-    assert module.eos_ids == generation["eos_token_id"] and seen[0]["eos_token_id"] == module.eos_ids
+    assert [
+        (kw["sampling"].temperature, kw["sampling"].top_p, kw["sampling"].max_new_tokens) for kw in seen
+    ] == [(0.9, 0.97, 5)]
+    assert list(module.token_ids.eos) == generation["eos_token_id"] and seen[0]["tokens"] == module.token_ids
     assert_each_eos_stops(module, prompt_batch(module.processor))
 
 
 def test_validate_scores_boxes(published, tmp_path):
     L.seed_everything(0)
-    module = GRPOModule(PolicySpec(str(published), lora=LoraSpec(r=4)), max_new_tokens=8)
+    module = GRPOModule(
+        PolicySpec(str(published), lora=LoraSpec(r=4)),
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     data = DetectionDataModule(val=[synthetic_crowd(tmp_path, "crowd", 1, n=2)], batch_size=2)
     data.connect(module.processor, **module.data_spec())
     trainer = L.Trainer(
@@ -132,7 +136,7 @@ def test_merged_export_reloads_with_the_trained_logits(published, tmp_path):
     module = GRPOModule(
         PolicySpec(str(published), lora=LoraSpec(r=4, alpha=8)),
         group_size=2,
-        max_new_tokens=3,
+        sampling=SamplingConfig(max_new_tokens=3),
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
     batch = train_and_save(module, tmp_path / "last.ckpt")

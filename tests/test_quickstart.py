@@ -28,7 +28,7 @@ def test_quickstart_runs_from_nothing(tmp_path, monkeypatch):
             "--model.init_args.warm_start.init_args.batch_size=2",
             "--model.init_args.warm_start.init_args.eval_images=2",
             "--data.train=[{class_path: dip_r1.quickstart.SyntheticCrowd, init_args: {root: data/quickstart-crowd, n: 16, width: 160, height: 120, min_people: 1, max_people: 3}}]",
-            "--model.init_args.max_new_tokens=16",
+            "--model.init_args.sampling.max_new_tokens=16",
         ]
     )
     assert (tmp_path / "data/tiny-qwen3_vl-seeing/config.json").is_file()

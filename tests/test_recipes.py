@@ -1,6 +1,7 @@
 """Every recipe parses against the code with the CLI's own parser (``dip-r1 fit --config``), without building a
 model: a key the code does not know, a wrong type or a class_path that does not import fails here, not on a GPU
-hours later."""
+hours later. An evaluation recipe (``recipes/eval/<dataset>.yaml``) is an overlay on ``recipes/eval/base.yaml``
+and is parsed as it is run, after its base (``dip-r1 validate --config base --config overlay``)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,21 @@ from dip_r1 import cli
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 GPU_RECIPES = [p for p in RECIPES if p.name.startswith("qwen")]
+EVAL_BASE = Path(__file__).parents[1] / "recipes" / "eval" / "base.yaml"
+EVAL_RECIPES = sorted(p for p in EVAL_BASE.parent.glob("*.yaml") if p != EVAL_BASE)
 
 
 @pytest.fixture
 def parse(monkeypatch):
-    """``dip-r1 fit --config PATH`` up to the parsed config: the real CLI (``cli.main``, its parser and
-    defaults) with class instantiation and the subcommand switched off. Returns the ``fit`` namespace."""
+    """``dip-r1 fit --config PATH`` (or another subcommand) up to the parsed config: the real CLI (``cli.main``,
+    its parser and defaults) with class instantiation and the subcommand switched off. Returns the
+    subcommand's namespace."""
     monkeypatch.setattr(cli.DipR1CLI, "instantiate_classes", lambda self: None)
     monkeypatch.setattr(cli.DipR1CLI, "_run_subcommand", lambda self, subcommand: None)
     monkeypatch.setattr(sys, "argv", ["dip-r1"])  # pytest's own arguments are not the CLI's
 
-    def run(path: Path, *extra: str):
-        return cli.main(["fit", "--config", str(path), *extra]).config.fit
+    def run(path: Path, *extra: str, subcommand: str = "fit"):
+        return cli.main([subcommand, "--config", str(path), *extra]).config[subcommand]
 
     return run
 
@@ -62,7 +66,7 @@ def test_the_recipes_are_there():
     } <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [*RECIPES, EVAL_BASE, *EVAL_RECIPES], ids=lambda p: p.stem)
 def test_every_class_path_imports(path):
     paths = _class_paths(yaml.safe_load(path.read_text()))
     assert paths
@@ -76,10 +80,20 @@ def test_recipe_parses_against_the_code(parse, path):
     config = parse(path)
     assert config.model.class_path in ("dip_r1.module.GRPOModule", "dip_r1.sft.SFTModule")
     assert config.model.init_args.policy.path
-    if path.name.startswith("eval_"):
-        assert config.data.val and config.data.test, "an evaluation recipe evaluates on something"
-    else:
-        assert config.data.train, "a recipe trains on something"
+    assert config.data.train, "a recipe trains on something"
+
+
+@pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: p.stem)
+def test_evaluation_recipe_parses_after_its_base(parse, path):
+    config = parse(EVAL_BASE, "--config", str(path), subcommand="validate")
+    assert config.model.class_path == "dip_r1.module.GRPOModule"
+    assert config.model.init_args.policy.path == "/models/Qwen2.5-VL-3B-Instruct"  # from the base
+    assert config.data.val and config.data.test, "an evaluation recipe evaluates on something"
+    assert config.data.val == config.data.test
+    assert config.trainer.logger.init_args.name == f"eval_{path.stem}"  # its own log folder
+    assert config.data.prompt_builder.init_args.max_pixels == 401408  # the base's, kept beside the overlay's
+    header = re.match(r"(#[^\n]*\n)+", path.read_text()).group(0)
+    assert f"dip-r1 validate --config recipes/eval/base.yaml --config recipes/eval/{path.name}" in header
 
 
 def test_gpu_recipes_hold_what_they_promise(parse):

@@ -19,7 +19,7 @@ from dip_r1.checkpointing import RNGStateCallback, rng_state, set_rng_state
 @pytest.fixture(scope="module")
 def crowd(tmp_path_factory):
     """The synthetic set, generated once here rather than by the first subprocess."""
-    from dip_r1.quickstart import SyntheticCrowd
+    from dip_r1.data.sources import SyntheticCrowd
 
     root = tmp_path_factory.mktemp("crowd") / "crowd"
     iter(SyntheticCrowd(root, n=12, width=96, height=72, min_people=1, max_people=2))

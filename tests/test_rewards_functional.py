@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from dip_r1.rewards.functional import (
     inspection_accuracy,
     look_reward,
+    look_terms,
     match_boxes,
     match_detections,
     precision_recall_reward,
@@ -153,14 +154,11 @@ def test_rule2_3_look_reward_modes():
     assert f1.dtype == torch.float32
     # f1: 2 * 1 * .4 / 1.4 = .571429; 2 * .625 * 1 / 1.625 = .769231
     assert f1.tolist() == pytest.approx([0.8 / 1.4, 1.25 / 1.625, 0.0, 0.0], abs=1e-6)
-    assert look_reward(ANSWERS, LOOKS, (4, 4), grid=4, mode="focus").tolist() == pytest.approx(
-        [1, 0.625, 0, 0]
-    )
-    assert look_reward(ANSWERS, LOOKS, (4, 4), grid=4, mode="coverage").tolist() == pytest.approx(
-        [0.4, 1, 0, 0]
-    )
+    focus, coverage = look_terms(ANSWERS, LOOKS, (4, 4), grid=4)
+    assert focus.tolist() == pytest.approx([1, 0.625, 0, 0])
+    assert coverage.tolist() == pytest.approx([0.4, 1, 0, 0])
     with pytest.raises(ValueError):
-        look_reward(ANSWERS, LOOKS, (4, 4), mode="both")
+        look_reward(ANSWERS, LOOKS[:2], (4, 4))
 
 
 def test_rule4_agreement_or_no_look_gives_zero():
@@ -272,7 +270,11 @@ def test_look_reward_is_higher_at_the_disagreement_region(answers):
 
     hot, cold = cell(int(u.flatten().argmax())), cell(int(u.flatten().argmin()))
     looks = [hot, cold] + [None] * (len(answers) - 2)
-    for mode in ("f1", "focus", "coverage"):
-        value = look_reward(answers, looks, size, grid=grid, mode=mode)
+    focus, coverage = look_terms(answers, looks, size, grid=grid)
+    for value in (
+        look_reward(answers, looks, size, grid=grid),
+        torch.from_numpy(focus),
+        torch.from_numpy(coverage),
+    ):
         assert torch.isfinite(value).all() and (value >= 0).all() and (value <= 1 + 1e-6).all()
         assert value[0] > value[1]

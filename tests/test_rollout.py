@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import torch
-from helpers import prompt_batch
+from helpers import prompt_batch, sample
 
 from dip_r1.models import load_policy
-from dip_r1.rollout import all_logprobs, micro_batches, sample_completions, select_prompts
+from dip_r1.scoring import all_logprobs, micro_batches, select_prompts
 
 
 def _greedy(model, inputs, group_size=1, **kw):
-    return sample_completions(
-        model,
-        inputs,
-        group_size=group_size,
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=10**6,
-        pad_token_id=0,
-        **kw,
-    )
+    return sample(model, inputs, group_size=group_size, max_new_tokens=12, do_sample=False, **kw)
 
 
 def test_greedy_sampler_matches_generate(tiny_model):
@@ -44,7 +35,7 @@ def test_sampler_logprobs_positions_agree_with_full_forward(tiny_qwen2_vl):
     rollout = _greedy(model, inputs)
     logp = all_logprobs(model, inputs, rollout, micro_batch_size=1)
     assert logp.shape == rollout.completion_ids.shape
-    from dip_r1.rollout import completion_logprobs
+    from dip_r1.scoring import completion_logprobs
 
     index = rollout.prompt_index
     prompt = select_prompts(inputs, index)
@@ -70,9 +61,7 @@ def test_vision_encoder_runs_once_per_prompt(tiny_qwen2_vl):
     visual = next(m for n, m in model.named_modules() if n.endswith("visual"))
     visual.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(0)
-    rollout = sample_completions(
-        model, inputs, group_size=4, max_new_tokens=6, eos_token_id=[3], pad_token_id=0, temperature=1.0
-    )
+    rollout = sample(model, inputs, group_size=4, max_new_tokens=6, eos=[3], temperature=1.0)
     assert len(calls) == 1  # one batched call for the 2 prompts, not one per completion
     assert rollout.completion_ids.shape[0] == 8
     assert rollout.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -84,15 +73,7 @@ def test_suppressed_tokens_never_sampled_and_masks(tiny_qwen2_vl):
     vocab = model.config.text_config.vocab_size
     banned = list(range(0, vocab, 2))  # half the vocabulary
     torch.manual_seed(0)
-    r = sample_completions(
-        model,
-        inputs,
-        group_size=8,
-        max_new_tokens=20,
-        eos_token_id=[1],
-        pad_token_id=0,
-        suppress_token_ids=banned,
-    )
+    r = sample(model, inputs, group_size=8, max_new_tokens=20, eos=[1], suppress=banned)
     sampled = r.completion_ids[r.mask]
     assert (sampled % 2 == 1).all()
     # rows without EOS are truncated and fully masked; rows with EOS stop there

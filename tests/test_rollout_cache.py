@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import prompt_batch
+from helpers import prompt_batch, sample
 
 from dip_r1 import reuse
 from dip_r1.models import LoraSpec, load_policy
 from dip_r1.reuse import encode_images
-from dip_r1.rollout import all_logprobs, sample_completions
+from dip_r1.scoring import all_logprobs
 
 
 def _count_vision_calls(model) -> list[int]:
@@ -30,9 +30,7 @@ def test_cached_image_features_score_like_the_images(tiny_model):
     inputs = prompt_batch(processor)
     calls = _count_vision_calls(model)
     torch.manual_seed(0)
-    rollout = sample_completions(
-        model, inputs, group_size=3, max_new_tokens=5, eos_token_id=[3], pad_token_id=0
-    )
+    rollout = sample(model, inputs, group_size=3, max_new_tokens=5, eos=[3])
     assert rollout.image_features is not None
     assert calls == [2]  # one batched call that encodes the 2 prompts' images, not 2 x 3
     cached = all_logprobs(model, inputs, rollout, micro_batch_size=4)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from helpers import prompt_batch
 
-import dip_r1.rollout as rollout_mod
+import dip_r1.scoring as rollout_mod
 from dip_r1.models import LoraSpec, load_policy
 from dip_r1.reuse import encode_images
-from dip_r1.rollout import Rollout, all_logprobs, completion_logprobs
+from dip_r1.rollout import Rollout
+from dip_r1.scoring import all_logprobs, completion_logprobs
 
 G = 3
 # Rows 0-2 answer prompt 0, rows 3-5 prompt 1 (the longer one: left padding on prompt 0). Lengths 6, 3, 1,

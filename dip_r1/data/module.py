@@ -20,7 +20,8 @@ STAGES = ("train", "val", "test", "predict")
 class DetectionCollate:
     """Batches stream items into processor inputs for generation plus the targets for the rewards.
 
-    Returns ``{"inputs", "targets", "prompts", "images"}``, or None when every item of the batch was
+    Returns ``{"inputs", "targets", "prompts", "images"}`` (and ``"sources"``, the decoded originals, when the
+    prompt builder keeps them for the zoom look), or None when every item of the batch was
     skipped (its image failed to load). A class, not a closure, so DataLoader workers can pickle it.
     """
 
@@ -45,12 +46,15 @@ class DetectionCollate:
         ]
         images = [item["image"] for item in items]
         inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
-        return {
+        batch = {
             "inputs": dict(inputs),
             "targets": [item["target"] for item in items],
             "prompts": prompts,
             "images": images,
         }
+        if all("source" in item for item in items):
+            batch["sources"] = [item["source"] for item in items]  # the zoom look's originals
+        return batch
 
 
 class TrackedBatch(NamedTuple):
@@ -165,8 +169,10 @@ class DetectionDataModule(LightningDataModule):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         factor: int | None = None,
+        keep_source: bool = False,
     ) -> None:
-        """Take the model's processor and its family's coordinate convention and pixel limits.
+        """Take the model's processor and its family's coordinate convention and pixel limits; ``keep_source``:
+        batches carry the decoded original images (``"sources"``) for the zoom look.
 
         Pixel limits not given here nor in the prompt builder are read from the processor's image
         processor, so the processor never resizes the images again.
@@ -178,6 +184,7 @@ class DetectionDataModule(LightningDataModule):
             max_pixels=max_pixels,
             factor=factor,
             image_processor=getattr(processor, "image_processor", None),
+            keep_source=keep_source,
         )
 
     def _loader(self, stage: str) -> DataLoader:

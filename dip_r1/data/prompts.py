@@ -140,6 +140,17 @@ def format_answer(boxes: Tensor, labels: Sequence[str]) -> str:
     return json.dumps([{"bbox_2d": row, "label": label} for row, label in zip(rows, labels, strict=True)])
 
 
+def format_completion(think: str, look: Tensor, boxes: Tensor, labels: Sequence[str]) -> str:
+    """A whole Think-Look-Answer completion: the grammar :func:`dip_r1.rewards.parse_completion` reads.
+
+    >>> print(format_completion("1 person.", torch.zeros(0, 4), torch.tensor([[1.0, 2, 3, 4]]), ["person"]))
+    <think>1 person.</think>
+    <look>[]</look>
+    <answer>[{"bbox_2d": [1, 2, 3, 4], "label": "person"}]</answer>
+    """
+    return f"<think>{think}</think>\n<look>{format_boxes(look)}</look>\n<answer>{format_answer(boxes, labels)}</answer>"
+
+
 @dataclass
 class Prompt:
     """One model input before tokenisation."""
@@ -150,7 +161,9 @@ class Prompt:
     """The RGB image, already resized to what the processor will keep."""
     target: dict[str, Any]
     """Ground truth in the model's coordinates: ``boxes``, ``ignore``, ``labels``, ``image_size``,
-    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``dataset``."""
+    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``dataset``, ``resize``."""
+    source: Image.Image | None = None
+    """The decoded original image, kept when the zoom look will cut crops from it."""
 
 
 class DetectionPromptBuilder:
@@ -189,6 +202,9 @@ class DetectionPromptBuilder:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.factor = factor
+        self.keep_source = False
+        """Keep the decoded original in :attr:`Prompt.source` (the zoom look cuts its crops from it); the model
+        says so when it connects."""
         self._warned_category = False
 
     def configure(
@@ -199,8 +215,11 @@ class DetectionPromptBuilder:
         max_pixels: int | None = None,
         factor: int | None = None,
         image_processor: Any = None,
+        keep_source: bool | None = None,
     ) -> None:
         """Take the model family's settings; given values win, unset pixel limits come from the processor."""
+        if keep_source is not None:
+            self.keep_source = keep_source
         if coordinates is not None:
             if coordinates not in COORDINATES:
                 raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
@@ -226,13 +245,7 @@ class DetectionPromptBuilder:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` the image is resized to."""
-        h, w = smart_resize(
-            height,
-            width,
-            self.factor,
-            self.min_pixels if self.min_pixels is not None else QWEN_MIN_PIXELS,
-            self.max_pixels if self.max_pixels is not None else QWEN_MAX_PIXELS,
-        )
+        h, w = smart_resize(height, width, *self.resize_rule())
         return w, h
 
     def category_of(self, sample: DetectionSample) -> str:
@@ -245,6 +258,7 @@ class DetectionPromptBuilder:
 
     def build(self, sample: DetectionSample, image: Image.Image, dataset: str = "") -> Prompt:
         """Messages, resized image and target for one sample; ``image`` is the decoded original."""
+        source = image if self.keep_source else None
         orig = image.size
         resized = self.resized_size(*orig)
         if resized != orig:
@@ -278,8 +292,18 @@ class DetectionPromptBuilder:
             "category": category,
             "image_id": sample.image_id,
             "dataset": dataset,
+            "resize": self.resize_rule(),
         }
-        return Prompt(messages=messages, image=image, target=target)
+        return Prompt(messages=messages, image=image, target=target, source=source)
+
+    def resize_rule(self) -> tuple[int, int, int]:
+        """``(factor, min_pixels, max_pixels)`` of :func:`smart_resize` for this builder's images (a zoom crop is
+        shown within the same budget unless told otherwise)."""
+        return (
+            self.factor,
+            self.min_pixels if self.min_pixels is not None else QWEN_MIN_PIXELS,
+            self.max_pixels if self.max_pixels is not None else QWEN_MAX_PIXELS,
+        )
 
 
 def _first(*values: Any) -> Any:

@@ -307,7 +307,10 @@ class DetectionStream(IterableDataset):
             prompt = self.prompt_builder.build(sample, image, dataset=dataset)
         except ValueError as exc:  # smart_resize refuses extreme aspect ratios
             return self._skip(sample, dataset, shard, "bad_image_size", exc)
-        return {"messages": prompt.messages, "image": prompt.image, "target": prompt.target, "shard": shard}
+        item = {"messages": prompt.messages, "image": prompt.image, "target": prompt.target, "shard": shard}
+        if prompt.source is not None:
+            item["source"] = prompt.source
+        return item
 
     def _skip(
         self, sample: DetectionSample, dataset: str, shard: tuple[int, int], reason: str, exc: Exception

@@ -3,36 +3,15 @@
 Boxes are xyxy in the model's coordinate space (tensors or arrays). :func:`match_detections` is
 also what :class:`dip_r1.metrics.DetectionMetrics` counts with, so training and evaluation agree.
 
-The look reward, and what we changed after measuring it (issue 10; BENCHMARKS.md has the runs and
-their commands). :func:`look_reward` is the variance-guided reward as first defined: look where the
-group's answers disagree. On the tiny Qwen3-VL base that sees (``data/tiny-qwen3_vl-seeing``), GRPO
-with it at weight 1, its advantage given to every token as GRPO does, ended below GRPO without it in
-domain (F1@0.5 over 3 seeds, 64 held-out images: 0.431 against 0.489). Within a group, the reward went
-with *having* look boxes (correlation 0.85 with their number) and against precision (-0.17), because
-that base answers each object it looked at a second time: after such training its greedy answers held
-1.8 look boxes per image and 24% of their answer boxes repeated an earlier one, against 0.4 and 7%
-without the look reward. Rewarding the look rewarded the repeats. Scoring ``"focus"`` alone,
-weighting the reward 0.25, or multiplying it by the whole answer's accuracy did not remove the loss
-(one seed each). Two changes did, together (3 seeds: 0.498; above SFT's 0.430 in every seed, level with
-no look's 0.489 within the seeds' spread):
-
-- :func:`inspection_accuracy` (``LookReward(resolve=True)``): the look reward is multiplied by the
-  accuracy of the answer *inside the looked regions*, so an inspection pays once the answer there is
-  right, and a repeated box where the policy looked lowers it (within a group it goes with accuracy,
-  +0.29, and precision, +0.23);
-- credit to the look block (``RewardSuite(credit={"look": "look"})``, :mod:`dip_r1.credit`): the
-  look reward's advantage reaches the tokens of ``<look>`` only, so it no longer reinforces whatever
-  answer followed a well-placed look.
-
-The tiny policy still learns to look less (0.3 look boxes per image after training, against 1.3 for
-the base): the look reward no longer costs accuracy, but on this base it does not buy any either.
-The default :class:`~dip_r1.rewards.RewardSuite` uses both changes. :func:`look_reward` itself is
-unchanged, and ``LookReward()`` alone still scores it as first defined.
+The look reward is :func:`look_reward` (look where the group's answers disagree) times
+:func:`inspection_accuracy` (the answer's accuracy inside the looked regions), credited to the ``<look>``
+tokens by the default :class:`~dip_r1.rewards.RewardSuite`; ``docs/look_reward.md`` tells what was measured
+and why.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -258,44 +237,54 @@ def _rasterize(boxes: list[Tensor | None], image_size: tuple[float, float], grid
     return counts[:, :grid, :grid]
 
 
-def look_reward(
+def look_terms(
     answers: list[Tensor | None],
     looks: list[Tensor | None],
     image_size: tuple[float, float],
     *,
     grid: int = 32,
-    mode: Literal["f1", "focus", "coverage"] = "f1",
-) -> Tensor:
-    """Reward for looking where a prompt's group of G sampled answers disagree, ``Tensor[G]``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two terms of :func:`look_reward`, ``(focus, coverage)``, each ``ndarray[G]``.
 
     U = p (1 - p) per cell, p the fraction of the group whose answer covers the cell. For look mask
-    L: focus = sum(U L) / (|L| max U), coverage = sum(U L) / sum(U); ``"f1"`` is their harmonic
-    mean. 0.0 when the group agrees everywhere, or for a missing or empty look.
+    L: focus = sum(U L) / (|L| max U), coverage = sum(U L) / sum(U); both 0.0 when the group agrees
+    everywhere, or for a missing or empty look.
 
     >>> a = [torch.tensor([[0.0, 0, 2, 2]]), None]  # they disagree on the top-left quarter
-    >>> look_reward(a, [torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[0.0, 0, 4, 4]])], (4, 4), grid=4)
-    tensor([1.0000, 0.4000])
+    >>> focus, coverage = look_terms(a, [torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[0.0, 0, 4, 4]])], (4, 4), grid=4)
+    >>> focus.tolist(), coverage.tolist()
+    ([1.0, 0.25], [1.0, 1.0])
     """
-    if mode not in ("f1", "focus", "coverage"):
-        raise ValueError(f"mode must be 'f1', 'focus' or 'coverage', not {mode!r}")
     if len(answers) != len(looks):
         raise ValueError(f"{len(answers)} answers but {len(looks)} looks")
     p = (_rasterize(answers, image_size, grid) > 0).mean(0)
     u = p * (1 - p)
     u_max, u_sum = u.max(initial=0.0), u.sum()
     if u_max <= 0:
-        return torch.zeros(len(looks))
+        return np.zeros(len(looks)), np.zeros(len(looks))
     mask = _rasterize(looks, image_size, grid) > 0
     hit = (mask * u).sum((1, 2))
     area = mask.sum((1, 2))
-    focus = hit / (np.maximum(area, 1) * u_max)  # hit is 0 where the area is
-    coverage = hit / u_sum
-    if mode == "focus":
-        value = focus
-    elif mode == "coverage":
-        value = coverage
-    else:
-        value = np.where(hit > 0, 2 * focus * coverage / np.maximum(focus + coverage, 1e-12), 0.0)
+    return hit / (np.maximum(area, 1) * u_max), hit / u_sum  # hit is 0 where the area is
+
+
+def look_reward(
+    answers: list[Tensor | None],
+    looks: list[Tensor | None],
+    image_size: tuple[float, float],
+    *,
+    grid: int = 32,
+) -> Tensor:
+    """Reward for looking where a prompt's group of G sampled answers disagree, ``Tensor[G]``: the harmonic
+    mean of :func:`look_terms`' focus and coverage (0.0 when either is).
+
+    >>> a = [torch.tensor([[0.0, 0, 2, 2]]), None]  # they disagree on the top-left quarter
+    >>> look_reward(a, [torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[0.0, 0, 4, 4]])], (4, 4), grid=4)
+    tensor([1.0000, 0.4000])
+    """
+    focus, coverage = look_terms(answers, looks, image_size, grid=grid)
+    both = focus + coverage
+    value = np.where(focus * coverage > 0, 2 * focus * coverage / np.maximum(both, 1e-12), 0.0)
     return torch.from_numpy(value.astype(np.float32))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,28 +20,22 @@ class FormatReward(GroupReward):
 
 
 class LookReward(GroupReward):
-    """Reward for looking where the group's answers disagree (see ``functional.look_reward``)."""
+    """Reward for looking where the group's answers disagree (``functional.look_reward``), resolved by the
+    answer: times its accuracy inside the looked regions (``functional.inspection_accuracy``)."""
 
-    def __init__(
-        self,
-        grid: int = 32,
-        mode: Literal["f1", "focus", "coverage"] = "f1",
-        resolve: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, grid: int = 32, resolve: bool = True, **kwargs: Any) -> None:
         """
         Args:
-            grid: Cells per side of the lattice the boxes are rasterised on.
-            mode: ``"f1"`` (harmonic mean of focus and coverage), ``"focus"`` or ``"coverage"``.
+            grid: Cells per side of the lattice the boxes are rasterised on, >= 1.
             resolve: Multiply each completion's look reward by how right its answer is inside the regions it
-                looked at (``functional.inspection_accuracy``): an inspection counts once it is resolved.
+                looked at: an inspection counts once it is resolved. False scores the variance-guided term
+                alone (``docs/look_reward.md``: on its own it rewarded repeated boxes).
             kwargs: Passed to ``torchmetrics.Metric``.
         """
         super().__init__(**kwargs)
-        if grid < 1 or mode not in ("f1", "focus", "coverage"):
-            raise ValueError(f"invalid grid={grid} or mode={mode!r}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
         self.grid = grid
-        self.mode = mode
         self.resolve = resolve
 
     def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
@@ -49,7 +43,7 @@ class LookReward(GroupReward):
         for b, target in enumerate(targets):
             group = completions[b * group_size : (b + 1) * group_size]
             answers, looks = [c.answer for c in group], [c.look for c in group]
-            value = F.look_reward(answers, looks, target["image_size"], grid=self.grid, mode=self.mode)
+            value = F.look_reward(answers, looks, target["image_size"], grid=self.grid)
             if self.resolve:
                 value = value * torch.tensor(
                     [

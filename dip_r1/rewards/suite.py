@@ -1,13 +1,14 @@
-"""``RewardSuite``: named rewards, weighted, scored on completions parsed once."""
+"""``RewardSuite``: named rewards, weighted, scored on completions parsed once, turned into advantages."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from dip_r1 import grpo
 from dip_r1.rewards.base import GroupReward
 from dip_r1.rewards.modular import FormatReward, LookReward, PrecisionRecallReward
 from dip_r1.rewards.parsing import ParsedCompletion, parse_completion
@@ -16,7 +17,7 @@ BLOCKS = ("think", "look", "answer")
 
 
 class RewardSuite(nn.Module):
-    """Combines named rewards into a weighted total, per completion.
+    """Combines named rewards into a weighted total per completion, and the total into GRPO advantages.
 
     In YAML (LightningCLI / jsonargparse) each reward is a ``class_path`` entry, so a user reward is
     added by subclassing :class:`GroupReward` and naming it::
@@ -27,46 +28,30 @@ class RewardSuite(nn.Module):
           mine: {class_path: my_package.MyReward}
         weights: {format: 0.5, mine: 2.0}
 
-    A reward can be *gated* by another: ``gates: {look: accuracy}`` puts ``look * accuracy`` into the total in
-    place of ``look`` (an inspection counts as much as the answer that follows it is right; BENCHMARKS.md,
-    issue 10). Each reward is still returned and logged as scored, ungated.
-
     A reward can be *credited* to one block of the completion: ``credit: {look: look}`` gives the tokens of
     ``<look>`` the advantage of the whole total and every other token the advantage of the total without the
-    look reward (``GRPOModule`` does this; :func:`dip_r1.grpo.block_advantages`), so the look reward judges the
-    look and not the answer written after it. The default suite does so, with the look reward resolved by the
-    answer (``LookReward(resolve=True)``): as first defined, the look reward lowered the tiny policy's F1
-    (BENCHMARKS.md, issue 10; ``dip_r1.rewards.functional``'s docstring).
+    look reward (:meth:`advantages`, :func:`dip_r1.grpo.block_advantages`), so the look reward judges the look
+    and not the answer written after it (``docs/look_reward.md``).
     """
 
     def __init__(
         self,
         rewards: dict[str, GroupReward] | None = None,
         weights: dict[str, float] | None = None,
-        gates: dict[str, str] | None = None,
         credit: dict[str, str] | None = None,
     ) -> None:
         """
         Args:
-            rewards: Named rewards; default ``format``, ``look`` (``LookReward(resolve=True)``) and ``accuracy``
-                (precision-recall).
+            rewards: Named rewards; default ``format`` (:class:`FormatReward`), ``look`` (:class:`LookReward`)
+                and ``accuracy`` (:class:`PrecisionRecallReward`).
             weights: Weight of each reward in the total; a reward not named here weighs 1.0.
-            gates: ``{reward: gate}``: the reward enters the total multiplied by the gate reward's value (in
-                [0, 1]) for the same completion; e.g. ``{look: accuracy}``. Default: no gate.
             credit: ``{reward: block}``: the reward's advantage reaches only the tokens of that block
                 (``think``, ``look`` or ``answer``); ``{}``: every token, as in GRPO. Default: ``{look: look}``
-                with the default rewards, ``{}`` with rewards of your own.
+                when the suite has a reward named ``look``, else ``{}``.
         """
         super().__init__()
-        if (
-            rewards is None
-        ):  # the look reward as measured to work with the other two (BENCHMARKS.md, issue 10)
-            rewards = {
-                "format": FormatReward(),
-                "look": LookReward(resolve=True),
-                "accuracy": PrecisionRecallReward(),
-            }
-            credit = {"look": "look"} if credit is None else credit
+        if rewards is None:
+            rewards = {"format": FormatReward(), "look": LookReward(), "accuracy": PrecisionRecallReward()}
         if not rewards:
             raise ValueError("a RewardSuite needs at least one reward")
         if "total" in rewards:
@@ -74,21 +59,15 @@ class RewardSuite(nn.Module):
         unknown = set(weights or {}) - set(rewards)
         if unknown:
             raise ValueError(f"weights for unknown rewards: {sorted(unknown)}")
-        gates = dict(gates or {})
-        bad = {f"{k}: {v}" for k, v in gates.items() if k not in rewards or v not in rewards or k == v}
-        if bad:
-            raise ValueError(f"gates must pair two different rewards of the suite, got {sorted(bad)}")
-        credit = dict(credit or {})
+        if credit is None:
+            credit = {"look": "look"} if "look" in rewards else {}
         bad = {f"{k}: {v}" for k, v in credit.items() if k not in rewards or v not in BLOCKS}
         if bad:
             raise ValueError(f"credit maps a reward of the suite to one of {BLOCKS}, got {sorted(bad)}")
         self.rewards = nn.ModuleDict(rewards)
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in rewards}
-        self.gates = gates
-        self.credit = credit
-        self.total = (
-            MeanMetric()
-        )  # the mean of the totals: with gates it is not the weighted sum of the means
+        self.credit = dict(credit)
+        self.total = MeanMetric()
 
     def forward(
         self, completions: list[str] | list[ParsedCompletion], targets: list[dict], group_size: int
@@ -101,13 +80,40 @@ class RewardSuite(nn.Module):
         return {"total": total, **out}
 
     def weighted_total(self, scores: dict[str, Tensor], without: Collection[str] = ()) -> Tensor:
-        """The weighted (and gated) sum of ``scores`` over the rewards not in ``without``, ``Tensor[B * G]``."""
-        terms = (
-            self.weights[name] * scores[name] * (scores[self.gates[name]] if name in self.gates else 1.0)
-            for name in self.rewards
-            if name not in without
-        )
+        """The weighted sum of ``scores`` over the rewards not in ``without``, ``Tensor[B * G]``."""
+        terms = (self.weights[name] * scores[name] for name in self.rewards if name not in without)
         return sum(terms, torch.zeros_like(scores[next(iter(self.rewards))]))
+
+    def advantages(
+        self,
+        scores: dict[str, Tensor],
+        group_size: int,
+        scale: str = "group",
+        block_mask: Callable[[str], Tensor] | None = None,
+    ) -> Tensor:
+        """GRPO advantages of ``scores`` (:meth:`forward`'s): ``Tensor[N]``, or ``Tensor[N, T]`` per token when
+        a reward is credited to a block.
+
+        ``block_mask(block)`` gives the ``Tensor[N, T]`` bool tokens of a block
+        (:func:`dip_r1.credit.block_token_mask`); needed only when :attr:`credit` is not empty. Tokens of a
+        credited block get the advantage of the rewards not credited elsewhere; every other token the
+        advantage of the rewards credited to no block.
+        """
+        total = grpo.group_advantages(scores["total"], group_size, scale=scale)  # [N]
+        if not self.credit:
+            return total
+        if block_mask is None:
+            raise ValueError("a suite that credits a reward to a block needs block_mask")
+        outside = grpo.group_advantages(
+            self.weighted_total(scores, without=set(self.credit)), group_size, scale
+        )
+        out = outside.to(total)  # [N], then [N, T]
+        for block in dict.fromkeys(self.credit.values()):
+            others = {name for name, b in self.credit.items() if b != block}
+            inside = grpo.group_advantages(self.weighted_total(scores, without=others), group_size, scale)
+            tokens = block_mask(block)
+            out = grpo.block_advantages(out, inside.to(total), tokens.to(total.device))
+        return out
 
     def compute(self) -> dict[str, Tensor]:
         """Mean of each reward since the last reset, and the mean of the totals as ``"total"``."""

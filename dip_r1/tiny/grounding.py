@@ -3,7 +3,7 @@
 A tiny VLM trained on answers alone learns the language of the answer and ignores its image: the language
 model cannot read boxes from the image tokens before the vision tower says where things are, and the vision
 tower gets no useful gradient before the language model reads it. Two things break that deadlock in
-:mod:`dip_r1.pretrain`, both measured in BENCHMARKS.md:
+:mod:`dip_r1.tiny.pretrain`, both measured (the benchmarks' page):
 
 - :func:`sinusoidal_positions`: the vision tower's learned absolute position table (Qwen3-VL's
   ``pos_embed``) starts as 2-D sines and cosines, so a patch's row and column are readable from step one;

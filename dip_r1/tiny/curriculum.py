@@ -1,0 +1,130 @@
+"""The tiny base's curriculum: synthetic sets generated per stage, held-out sets, and their batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dip_r1.data.prompts import DetectionPromptBuilder
+
+TINY_SYSTEM_PROMPT = "Answer with <think>, <look> and <answer> blocks."
+"""The short system prompt of the tiny bases (the recipes that start from them set it too)."""
+
+
+@dataclass
+class Stage:
+    """One stage of the curriculum: a generated synthetic set and a number of optimiser steps on it."""
+
+    steps: int
+    """Optimiser steps (0 for a held-out set)."""
+    min_people: int
+    """Fewest figures per image."""
+    max_people: int
+    """Most figures per image."""
+    n: int = 2000
+    """Images generated for the stage."""
+    width: int = 160
+    """Image width."""
+    height: int = 120
+    """Image height."""
+
+
+def default_curriculum() -> list[Stage]:
+    """One figure, then one to three, then one to eight: 7,000 steps at 160x120."""
+    return [Stage(700, 1, 1, 3500), Stage(3800, 1, 3, 9000), Stage(2500, 1, 8, 7000)]
+
+
+def held_out_sets(n: int = 64) -> dict[str, Stage]:
+    """The held-out sets the scores are reported on (seeds 1000 and 1001, never trained on)."""
+    return {"few": Stage(0, 1, 3, n), "crowd": Stage(0, 6, 10, n)}
+
+
+def stage_sources(cache: Path, stage: Stage, seed: int, scales: list[float]) -> list:
+    """The stage's training images split evenly among ``scales`` of its size (the k-th with seed ``seed + 7919 k``:
+    one scale gives the set of ``seed``, and no scale's set is a held-out set's)."""
+    return [
+        stage_source(
+            cache,
+            "train",
+            Stage(
+                stage.steps,
+                stage.min_people,
+                stage.max_people,
+                stage.n // len(scales),
+                round(stage.width * scale),
+                round(stage.height * scale),
+            ),
+            seed + 7919 * k,
+        )
+        for k, scale in enumerate(scales)
+    ]
+
+
+def stage_source(cache: Path, tag: str, stage: Stage, seed: int):
+    from dip_r1.data.sources.synthetic import SyntheticCrowd
+
+    root = (
+        cache / f"{tag}-{stage.min_people}-{stage.max_people}-{stage.width}x{stage.height}-n{stage.n}-s{seed}"
+    )
+    return SyntheticCrowd(
+        root=str(root),
+        n=stage.n,
+        seed=seed,
+        width=stage.width,
+        height=stage.height,
+        min_people=stage.min_people,
+        max_people=stage.max_people,
+        name=tag,
+    )
+
+
+def batches(
+    processor, coordinates: str, sources: list, batch_size: int, seed: int, train: bool
+) -> Iterator[dict]:
+    """Batches of sources (mixed evenly when training) through the DetectionDataModule (images decoded in a
+    worker), tiny prompt."""
+    from dip_r1.data import DetectionDataModule
+
+    data = DetectionDataModule(
+        **({"train": sources} if train else {"val": sources}),
+        prompt_builder=DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT),
+        batch_size=batch_size,
+        num_workers=1,
+        seed=seed,
+        shuffle_buffer=256,
+    )
+    data.connect(processor, coordinates=coordinates)
+    loader = data.train_dataloader() if train else data.val_dataloader()
+    return (b for b in (data.on_before_batch_transfer(b, 0) for b in loader) if b is not None)
+
+
+@torch.no_grad()
+def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, float]:
+    """Greedy answers, decoded and measured as ``dip-r1 validate`` does (:func:`dip_r1.evaluation.predict`):
+    precision, recall, F1 at IoU 0.5, format-valid rate, and the fraction of distinct answers (1.0: every image
+    got its own answer; a policy that ignores its image scores about 0)."""
+    from dip_r1.config import SamplingConfig
+    from dip_r1.evaluation import DetectionEvaluator, predict
+    from dip_r1.tokens import TokenIds
+
+    was_training = model.training
+    model.eval()
+    evaluator, texts = DetectionEvaluator(), []
+    sampling, tokens = (
+        SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False),
+        TokenIds.of(model, processor),
+    )
+    for batch in loader:
+        predictions = predict(model, processor.tokenizer, batch, sampling, tokens)
+        for p in predictions:
+            p.target = {**p.target, "dataset": "held_out"}  # one row, whatever the loader's sources are named
+        evaluator.update(predictions)
+        texts += [p.text for p in predictions]
+    row = evaluator.compute().get("held_out", {})
+    out = {k: row.get(k, 0.0) for k in ("precision", "recall", "f1", "format_valid")}
+    out["distinct_answers"] = len(set(texts)) / max(len(texts), 1)
+    model.train(was_training)
+    return out
