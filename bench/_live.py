@@ -37,17 +37,31 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of storages created inside the mode and still alive; keeps the peak per phase.
 
-    ``phase`` is set by the caller (e.g. ``"rollout"``, ``"loss"``); :meth:`watch_cache` records the largest
+    The phase (e.g. ``"rollout"``, ``"loss"``) is ``phase_of()`` or set by the caller; :meth:`watch_cache` records the largest
     KV cache a model's forward receives during the ``"rollout"`` phase.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, phase_of=None) -> None:
+        """
+        Args:
+            phase_of: called at each allocation for the phase's name (e.g. from ``GRPOModule.phase``); None:
+                the ``phase`` attribute, set by the caller.
+        """
         super().__init__()
         self.live = 0
-        self.phase = "loss"
+        self.phase_of = phase_of
+        self._phase = "loss"
         self.peaks: dict[str, int] = {}
         self.kv_cache = 0
         self._tracked: set[int] = set()
+
+    @property
+    def phase(self) -> str:
+        return self.phase_of() if self.phase_of is not None else self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
 
     def _freed(self, key: int, nbytes: int) -> None:
         self._tracked.discard(key)
@@ -63,14 +77,23 @@ class LiveBytes(TorchDispatchMode):
         self._tracked.add(key)
         self.live += nbytes
         weakref.finalize(s, self._freed, key, nbytes)
-        if self.live > self.peaks.get(self.phase, 0):
-            self.peaks[self.phase] = self.live
+        phase = self.phase
+        if self.live > self.peaks.get(phase, 0):
+            self.peaks[phase] = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output on an input's storage (a view, an in-place op) allocates nothing: a view of a weight made
+        # here must not count the weight
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                if t.untyped_storage()._cdata not in inputs:
+                    self._track(t)
         return out
 
     def watch_cache(self, model: torch.nn.Module):

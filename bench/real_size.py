@@ -14,7 +14,7 @@ device (a 3B model is never whole in memory). It is loaded by the family's QLoRA
 
 The first step is timed (``step_s``: rollout, rewards, loss, backward, optimiser); the last one is also counted
 (``bench/_live.py``): the live tensor bytes by kind, the peak of the tensors the rollout and the loss allocate
-(``rollout_peak`` includes the KV cache, ``activations`` the loss's peak less the gradients), and beside them the
+(``rollout_peak`` includes the KV cache, ``loss_peak`` is the loss phase's peak less the gradients), and beside them the
 memory planner's estimate of the same step (``dip_r1.plan``), component by component, and their ratio.
 """
 
@@ -120,7 +120,7 @@ def recipe_module(
     init["policy"]["path"] = str(path)
     if not quantized:
         init["policy"]["quantization"] = None
-    sampling = init.get("sampling", init)  # the sampling settings, grouped or not
+    sampling = init.setdefault("sampling", {})
     sampling["max_new_tokens"] = sampling["min_new_tokens"] = max_new_tokens
     init["group_size"] = group
     init["rollout_compile"] = compile
@@ -150,7 +150,6 @@ def measure(
     import torch
     from _live import LiveBytes, model_bytes
 
-    import dip_r1.module
     from dip_r1.plan_recipe import plan_for
 
     L.seed_everything(seed, verbose=False)
@@ -165,25 +164,13 @@ def measure(
     inputs = _common.prompt_inputs(module.processor, prompts, image_size)
     batch = {"inputs": inputs, "targets": [empty] * prompts}
     cuda = device == "cuda"
-    live = LiveBytes()
+    live = LiveBytes(phase_of=lambda: "rollout" if module.phase == "rollout" else "loss")
     records: list[dict] = []
     vision = {"calls": 0}
     visual = next(m for n, m in module.policy.named_modules() if n.rsplit(".", 1)[-1] == "visual")
     visual.register_forward_hook(lambda *a: vision.__setitem__("calls", vision["calls"] + 1))
     live.watch_cache(module.policy)
-    sampler = dip_r1.module.sample_completions
     grads: dict = {}
-
-    def sample(*a, **kw):
-        live.phase, start = "rollout", time.perf_counter()
-        try:
-            return sampler(*a, **kw)
-        finally:
-            if cuda:
-                torch.cuda.synchronize()
-            live.phase = "loss"
-            records[-1]["rollout_s"] = time.perf_counter() - start
-
     counted = steps - 1
 
     class Probe(L.Callback):
@@ -197,6 +184,7 @@ def measure(
             if cuda:
                 torch.cuda.synchronize()
             records[-1]["step_s"] = time.perf_counter() - self.start
+            records[-1]["rollout_s"] = pl_module.step_timings["rollout_s"]
             records[-1]["vision_calls"] = vision["calls"] - records[-1].pop("vision_before")
             if batch_idx == counted:
                 records[-1]["bytes"] = model_bytes(pl_module.policy, pl_module.optimizers().optimizer)
@@ -222,11 +210,7 @@ def measure(
     _capture_gradients(module, grads)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    dip_r1.module.sample_completions = sample
-    try:
-        trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
-    finally:
-        dip_r1.module.sample_completions = sampler
+    trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
     measured = dict(records[-1]["bytes"])
     measured["gradients"] = grads.get("bytes", measured["gradients"])
     if cuda:
@@ -234,14 +218,16 @@ def measure(
     else:
         measured["kv_cache"] = live.kv_cache
         measured["rollout_peak"] = live.peaks.get("rollout", 0)
-        measured["activations"] = max(live.peaks.get("loss", 0) - measured["gradients"], 0)
-        measured["loss_peak"] = measured["activations"]
+        # the loss phase's peak less what outlives it: the gradients, and the optimiser state when this step
+        # created it (the first step)
+        created = measured["optimizer_state"] if counted == 0 else 0
+        measured["loss_peak"] = max(live.peaks.get("loss", 0) - measured["gradients"] - created, 0)
         measured["total"] = (
             measured["base_weights"]
             + measured["adapters"]
             + measured["optimizer_state"]
             + measured["gradients"]
-            + max(measured["rollout_peak"], measured["activations"])
+            + max(measured["rollout_peak"], measured["loss_peak"])
         )
     estimate = plan_for(
         json.loads((Path(path) / "config.json").read_text()),

@@ -347,7 +347,7 @@ KNOBS = (
     ("gradient_checkpointing", "model.init_args.policy.gradient_checkpointing"),
     ("micro_batch_size", "model.init_args.micro_batch_size"),
     ("prompts", "data.batch_size"),
-    ("max_new_tokens", "model.init_args.max_new_tokens"),
+    ("max_new_tokens", "model.init_args.sampling.max_new_tokens"),
     ("image_tokens", "data.prompt_builder.init_args.max_pixels"),
 )
 """What to turn first when a step does not fit, and its name in the recipe, in order: free memory first, then
