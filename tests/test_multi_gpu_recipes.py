@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from fault_tools import fit, fit_config, write_config
