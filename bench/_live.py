@@ -91,9 +91,12 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta"
         }
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                if t.untyped_storage()._cdata not in inputs:
-                    self._track(t)
+            if (
+                isinstance(t, torch.Tensor)
+                and t.device.type != "meta"
+                and t.untyped_storage()._cdata not in inputs
+            ):
+                self._track(t)
         return out
 
     def watch_cache(self, model: torch.nn.Module):
