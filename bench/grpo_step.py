@@ -12,7 +12,8 @@ step. The first ``--warmup`` steps are run but not counted. Keys:
   ``rollout_tokens_per_s`` per second of rollout.
 - ``vision_calls_per_step``: images through the vision encoder per step, everything included (rollout
   and scoring); it equals the number of prompts B when the encoder runs once per prompt and its output is
-  reused by the scoring passes, B x G if the rollout repeated each prompt G times.
+  reused by the scoring passes, B x G if the rollout repeated each prompt G times; with ``--look-mode zoom``,
+  B + ``crops_per_step`` when each crop is encoded once.
   ``vision_calls_rollout_per_step`` / ``vision_calls_scoring_per_step`` split it;
   ``vision_forward_calls_per_step`` counts batched encoder forwards (one forward encodes many images).
 - ``bare_decode_s``: the model alone decoding the rollout's tokens: ``T - 1`` forwards of one token for the
@@ -25,6 +26,16 @@ step. The first ``--warmup`` steps are run but not counted. Keys:
 - ``peak_rss_mb``: highest resident memory of the process (model loading included);
   ``train_peak_rss_mb``: highest during the timed steps; ``rss_after_import_mb``: the interpreter, torch
   and transformers alone. ``peak_gpu_mb`` on CUDA.
+
+The GRPO variants are arguments here as in ``GRPOModule`` / ``LossConfig`` (``--loss-type``,
+``--importance-sampling-level``, ``--top-entropy-quantile``, ``--epsilon-high``, ``--dynamic-sampling``,
+``--max-resample-batches``). ``--flat-share S`` scores with a rigged reward instead of the DIP-R1 suite: the
+groups of the first ``round(S x B)`` prompts of every batch all score alike (zero std), the others spread, so
+dynamic sampling has groups to drop; ``rollouts_per_step`` counts the batches rolled out in a step (1 + the
+extra draws). The quickstart's settings, dynamic sampling off and on:
+
+    python bench/grpo_step.py --model data/tiny-qwen3_vl-seeing --prompts 2 --group 8 --max-new-tokens 256 \
+        --micro-batch-size 16 --lr 1e-4 --flat-share 0.5 [--dynamic-sampling]
 
 ``--shape qwen2_5_vl_3b`` writes (or reuses, at ``--model``) a randomly initialised checkpoint of that
 architecture: for GPU runs, ``--device cuda --dtype bfloat16 --quantization 4bit``.
@@ -46,15 +57,23 @@ START_RSS = _common.rss_mb()
 
 
 class Probe:
-    """Counts images through the vision encoder by the module's phase (a forward hook), and reads each step's
-    rollout time and tokens from what the module keeps (``step_timings``, ``last_rollout``)."""
+    """Counts images through the vision encoder by the module's phase (a forward hook) and the batches rolled
+    out, and reads each step's rollout time and tokens from what the module keeps (``step_timings``,
+    ``last_rollout``)."""
 
     def __init__(self, module) -> None:
         self.module = module
         self.images = {"rollout": 0, "scoring": 0}
-        self.forwards = 0
+        self.forwards = self.rollouts = 0
         visual = next(m for n, m in module.policy.named_modules() if n.rsplit(".", 1)[-1] == "visual")
         visual.register_forward_hook(self._count, with_kwargs=True)
+        roll_out = module._roll_out
+
+        def counted(batch):
+            self.rollouts += 1
+            return roll_out(batch)
+
+        module._roll_out = counted
 
     def _count(self, module, args, kwargs, output) -> None:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -73,11 +92,30 @@ class Probe:
         out = {
             **self.images,
             "forwards": self.forwards,
+            "rollouts": self.rollouts,
             "rollout_s": self.module.step_timings.get("rollout_s", 0.0),
+            "crops": int(rollout.crops_per_completion.sum()) if rollout is not None else 0,
             "tokens": int(rollout.mask.sum()) if rollout is not None else 0,
         }
-        self.images, self.forwards = {"rollout": 0, "scoring": 0}, 0
+        self.images, self.forwards, self.rollouts = {"rollout": 0, "scoring": 0}, 0, 0
         return out
+
+
+def flat_share_suite(share: float, prompts: int):
+    """A ``RewardSuite`` of one rigged reward (see ``--flat-share``)."""
+    import torch
+
+    from dip_r1.rewards import GroupReward, RewardSuite
+
+    flat = round(share * prompts)
+
+    class Rigged(GroupReward):
+        def score(self, completions, targets, group_size):
+            return torch.tensor(
+                [0.5 if b < flat else j / group_size for b in range(len(targets)) for j in range(group_size)]
+            )
+
+    return RewardSuite({"rigged": Rigged()})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +132,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight; 0: no reference pass")
+    p.add_argument(
+        "--loss-type", default="grpo", help="LossConfig.loss_type (grpo, bnpo, dr_grpo, dapo, cispo)"
+    )
+    p.add_argument("--importance-sampling-level", default="token", help="token, or sequence (GSPO)")
+    p.add_argument("--top-entropy-quantile", type=float, default=1.0, help="loss on this top share of tokens")
+    p.add_argument("--epsilon-high", type=float, default=0.2, help="upper clip (CISPO: the weight's bound)")
+    p.add_argument("--dynamic-sampling", action="store_true", help="drop flat groups, draw more prompts")
+    p.add_argument("--max-resample-batches", type=int, default=3, help="most extra batches per step")
+    p.add_argument(
+        "--flat-share", type=float, help="rigged reward: this share of each batch's groups score alike"
+    )
     p.add_argument("--image-size", type=int, default=448, help="side of the square synthetic images")
+    p.add_argument("--look-mode", choices=["text", "zoom"], default="text", help="SamplingConfig.look_mode")
+    p.add_argument(
+        "--crowd",
+        nargs=2,
+        type=int,
+        metavar=("W", "H"),
+        help="prompts from the synthetic crowd generator at W x H (the quickstart's data; needed to zoom), "
+        "with the tiny bases' system prompt; else plain square images",
+    )
+    p.add_argument("--max-pixels", type=int, help="--crowd: the prompt builder's pixel budget")
+    p.add_argument("--train-vision", action="store_true", help="the vision tower trains (the quickstart's)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="completions per scoring forward")
     p.add_argument(
         "--no-share-prompt-prefix",
@@ -125,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model DIR or --shape NAME")
     if args.quantization and not args.lora_r:
         p.error("--quantization trains through adapters: give --lora-r too")
+    if args.look_mode == "zoom" and not args.crowd:
+        p.error("--look-mode zoom needs source images with people: give --crowd W H")
     return args
 
 
@@ -142,14 +204,26 @@ def build_module(args):
         lora=lora,
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
+        freeze_vision=not args.train_vision,
     )
     return GRPOModule(
         policy,
         group_size=args.group,
         sampling=SamplingConfig(
-            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens if args.fixed_length else 0
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens if args.fixed_length else 0,
+            look_mode=args.look_mode,
         ),
-        loss=LossConfig(beta=args.beta),
+        loss=LossConfig(
+            beta=args.beta,
+            epsilon_high=args.epsilon_high,
+            loss_type=args.loss_type,
+            importance_sampling_level=args.importance_sampling_level,
+            top_entropy_quantile=args.top_entropy_quantile,
+        ),
+        rewards=flat_share_suite(args.flat_share, args.prompts) if args.flat_share is not None else None,
+        dynamic_sampling=args.dynamic_sampling,
+        max_resample_batches=args.max_resample_batches,
         micro_batch_size=args.micro_batch_size,
         share_prompt_prefix=not args.no_share_prompt_prefix,
         rollout_merge_lora=not args.no_merge_lora,
@@ -176,11 +250,14 @@ def _run(args) -> dict:
     loaded_rss = _common.rss_mb()
     probe = Probe(module)
     size = args.image_size
-    empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
-    batch = {
-        "inputs": _common.prompt_inputs(module.processor, args.prompts, size, args.short_prompt),
-        "targets": [empty] * args.prompts,
-    }
+    if args.crowd:
+        batch = _common.crowd_batch(module, args.prompts, *args.crowd, args.max_pixels, seed=args.seed)
+    else:
+        empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
+        batch = {
+            "inputs": _common.prompt_inputs(module.processor, args.prompts, size, args.short_prompt),
+            "targets": [empty] * args.prompts,
+        }
     steps: list[dict] = []
     peaks: list[float] = []  # before the timed steps (model loading, warm-up)
 
@@ -227,10 +304,12 @@ def _run(args) -> dict:
         "vision_calls_rollout_per_step": med["rollout"],
         "vision_calls_scoring_per_step": med["scoring"],
         "vision_forward_calls_per_step": med["forwards"],
+        "rollouts_per_step": med["rollouts"],
         "rollout_s": round(med["rollout_s"], 4),
         "rollout_tokens_per_s": round(med["tokens"] / med["rollout_s"], 2),
         **bound,
         "tokens_per_step": med["tokens"],
+        "crops_per_step": med["crops"],
         "train_peak_rss_mb": round(_common.peak_rss_mb(), 1),
         "rss_after_import_mb": round(START_RSS, 1),
         "rss_after_load_mb": round(loaded_rss, 1),

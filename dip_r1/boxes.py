@@ -49,6 +49,23 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
+DUPLICATE_IOU = 0.7
+"""An answer box that overlaps an earlier box of the same answer at this IoU or more is a repeat."""
+
+
+def repeated_boxes(boxes: Tensor | None, iou: float = DUPLICATE_IOU) -> int:
+    """How many boxes overlap an earlier box of the list at IoU >= ``iou`` (repeats of one object, which the
+    one-to-one matching counts as false positives).
+
+    >>> repeated_boxes(torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 9], [20.0, 0, 30, 10]]))
+    1
+    """
+    if boxes is None or len(boxes) < 2:
+        return 0
+    overlaps = box_iou(boxes, boxes).triu(diagonal=1) >= iou  # [N, N]: pairs (earlier, later)
+    return int(overlaps.any(dim=0).sum())
+
+
 def box_ioa(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise intersection over the area of ``a`` (the CrowdHuman / CityPersons ignore rule).
 

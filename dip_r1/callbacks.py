@@ -140,6 +140,17 @@ class CompletionsTable(Callback):
         Console().print(self.table(record))
 
 
+def _fresh_folder(path: Path, name: str) -> Path:
+    """``path``, or when it already holds ``name`` from an earlier run, its first free ``version_<n>``
+    subfolder: a run never truncates what another wrote."""
+    if not (path / name).exists():
+        return path
+    n = 1
+    while (path / f"version_{n}" / name).exists():
+        n += 1
+    return path / f"version_{n}"
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
 
@@ -156,7 +167,8 @@ class PredictionWriter(BasePredictionWriter):
         """
         Args:
             output_dir: Where to write; default ``<logger log_dir>/predictions``, or ``runs/predict`` without
-                a logger.
+                a logger. A folder that already holds predictions is kept: this run writes to its first free
+                ``version_<n>`` subfolder instead.
             min_size: Small images are enlarged so that their shorter side is at least this.
         """
         super().__init__(write_interval="batch")
@@ -172,12 +184,19 @@ class PredictionWriter(BasePredictionWriter):
             path = Path(trainer.logger.log_dir) / "predictions"
         else:
             path = Path("runs/predict")
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.jsonl = path / (
+        name = (
             "predictions.jsonl" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
         )
-        self.jsonl.write_text("")
+        path = _fresh_folder(path, name)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.jsonl = path / name
+        self.jsonl.touch()
+        self._names: set[str] = set()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(f"dip-r1: predictions written to {self.path}")
 
     def write_on_batch_end(
         self,
@@ -196,9 +215,20 @@ class PredictionWriter(BasePredictionWriter):
             for p, image in zip(prediction, images):
                 name = None
                 if image is not None:
-                    name = f"{_safe(str(p.target.get('dataset')))}_{_safe(str(p.target.get('image_id')))}.png"
+                    name = self._picture_name(p.target)
                     self.render(p, image).save(self.path / name)
                 f.write(json.dumps(prediction_record(p, name)) + "\n")
+
+    def _picture_name(self, target: dict) -> str:
+        """``<dataset>_<image id>.png`` (the id is the image's relative path for image folders), numbered when
+        two images would share it: a picture never replaces another of the same run."""
+        stem = f"{_safe(str(target.get('dataset')))}_{_safe(str(target.get('image_id')))}"
+        name, n = f"{stem}.png", 1
+        while name in self._names:
+            n += 1
+            name = f"{stem}_{n}.png"
+        self._names.add(name)
+        return name
 
     def render(self, p: Prediction, image: Image.Image) -> Image.Image:
         """The picture of one prediction on its (resized) image."""

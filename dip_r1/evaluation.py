@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from dip_r1.boxes import box_iou
+from dip_r1.boxes import repeated_boxes
 from dip_r1.config import SamplingConfig
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import to_image_coords
@@ -37,10 +37,7 @@ from dip_r1.rewards import ParsedCompletion, parse_completion
 from dip_r1.rollout import sample_completions
 from dip_r1.scoring import all_logprobs
 from dip_r1.tokens import TokenIds
-from dip_r1.zoom.geometry import CropGeometry
-
-DUPLICATE_IOU = 0.7
-"""An answer box that overlaps an earlier box of the same answer at this IoU or more is a repeat."""
+from dip_r1.zoom import CropGeometry, resolve_regions, zoom_of
 
 
 @dataclass
@@ -53,6 +50,8 @@ class Decoded:
     """Its token ids, up to and including EOS."""
     logprobs: Tensor
     """``Tensor[len(ids)]`` log-probability of each token under the model (temperature 1)."""
+    crops: list[CropGeometry] = field(default_factory=list)
+    """Zoom: the crops the completion was shown (its sampled ``ids`` leave their tokens out)."""
 
 
 @dataclass
@@ -121,25 +120,28 @@ def span_scores(logprobs: Tensor, ends: Sequence[int], spans: Sequence[tuple[int
 @torch.no_grad()
 def decode_batch(
     model: nn.Module,
-    tokenizer: Any,
-    inputs: Mapping[str, Tensor],
+    processor: Any,
+    batch: Mapping[str, Any],
     sampling: SamplingConfig,
     tokens: TokenIds,
     *,
     micro_batch_size: int = 8,
 ) -> list[Decoded]:
-    """One completion per prompt (greedy unless ``sampling.do_sample``) and its tokens' log-probabilities at
-    temperature 1.
+    """One completion per prompt of a collated batch (greedy unless ``sampling.do_sample``; zoom: shown its
+    crops, from ``batch["sources"]``) and its sampled tokens' log-probabilities at temperature 1.
 
-    The log-probabilities come from one scoring pass over the finished completions (the sampler keeps no
-    logits), so greedy and sampled decoding are scored alike.
+    The log-probabilities come from one scoring pass over the finished completions, so greedy and sampled
+    decoding are scored alike.
     """
-    rollout = sample_completions(model, inputs, sampling, tokens, group_size=1)
+    inputs = batch["inputs"]
+    zoom = zoom_of(batch, processor, sampling, tokens)
+    rollout = sample_completions(model, inputs, sampling, tokens, group_size=1, zoom=zoom)
     logp = all_logprobs(model, inputs, rollout, micro_batch_size=micro_batch_size, temperature=1.0)
-    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    texts = processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    crops = rollout.crops or [[] for _ in texts]
     out = []
-    for text, ids, row, length in zip(texts, rollout.completion_ids, logp, rollout.lengths.tolist()):
-        out.append(Decoded(text, ids[:length].tolist(), row[:length].detach().float().cpu()))
+    for text, ids, row, mask, shown in zip(texts, rollout.completion_ids, logp, rollout.mask, crops):
+        out.append(Decoded(text, ids[mask].tolist(), row[mask].detach().float().cpu(), shown))
     return out
 
 
@@ -150,11 +152,14 @@ def to_original_pixels(boxes: Tensor | None, target: Mapping[str, Any]) -> Tenso
     return to_image_coords(boxes, target["orig_size"], target["resized_size"], target["coordinates"])
 
 
-def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequence[dict]) -> list[Prediction]:
-    """Parse each completion once, score its answer boxes and convert them to original pixels."""
+def make_predictions(
+    tokenizer: Any, decoded: Sequence[Decoded], targets: Sequence[dict], sources: Sequence[Any] | None = None
+) -> list[Prediction]:
+    """Parse each completion once (boxes read off a crop mapped to the image frame), score its answer boxes
+    and convert them to original pixels."""
     out = []
-    for d, target in zip(decoded, targets, strict=True):
-        parsed = parse_completion(d.text)
+    for i, (d, target) in enumerate(zip(decoded, targets, strict=True)):
+        parsed = resolve_regions(parse_completion(d.text), d.crops)
         n = 0 if parsed.answer is None else len(parsed.answer)
         if parsed.answer_spans is not None and len(parsed.answer_spans) == n:
             scores = span_scores(d.logprobs, token_char_ends(tokenizer, d.ids), parsed.answer_spans)
@@ -167,6 +172,8 @@ def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequen
                 boxes=to_original_pixels(parsed.answer, target),
                 look=to_original_pixels(parsed.look, target),
                 target=target,
+                crops=d.crops,
+                source=sources[i] if sources is not None and d.crops else None,
             )
         )
     return out
@@ -174,18 +181,17 @@ def make_predictions(tokenizer: Any, decoded: Sequence[Decoded], targets: Sequen
 
 def predict(
     model: nn.Module,
-    tokenizer: Any,
+    processor: Any,
     batch: Mapping[str, Any],
     sampling: SamplingConfig,
     tokens: TokenIds,
     *,
     micro_batch_size: int = 8,
 ) -> list[Prediction]:
-    """Decode a collated batch (``inputs``, ``targets``) and parse, score and convert its answers."""
-    decoded = decode_batch(
-        model, tokenizer, batch["inputs"], sampling, tokens, micro_batch_size=micro_batch_size
-    )
-    return make_predictions(tokenizer, decoded, batch["targets"])
+    """Decode a collated batch (``inputs``, ``targets``, and ``sources`` to zoom) and parse, score and convert
+    its answers."""
+    decoded = decode_batch(model, processor, batch, sampling, tokens, micro_batch_size=micro_batch_size)
+    return make_predictions(processor.tokenizer, decoded, batch["targets"], batch.get("sources"))
 
 
 def has_ground_truth(target: Mapping[str, Any]) -> bool:
@@ -213,19 +219,6 @@ def base_model(policy: nn.Module, full_base: Callable[[], nn.Module]) -> Iterato
             yield policy
     else:
         yield full_base()
-
-
-def repeated_boxes(boxes: Tensor | None, iou: float = DUPLICATE_IOU) -> int:
-    """How many boxes overlap an earlier box of the list at IoU >= ``iou`` (repeats of one object, which the
-    one-to-one matching counts as false positives).
-
-    >>> repeated_boxes(torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 9], [20.0, 0, 30, 10]]))
-    1
-    """
-    if boxes is None or len(boxes) < 2:
-        return 0
-    overlaps = box_iou(boxes, boxes).triu(diagonal=1) >= iou  # [N, N]: pairs (earlier, later)
-    return int(overlaps.any(dim=0).sum())
 
 
 class DetectionEvaluator:

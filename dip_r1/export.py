@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
+import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dip_r1 import preflight
 from dip_r1.config import LossConfig, SamplingConfig
-from dip_r1.models import LoraSpec, PolicySpec, check_model_path, is_peft
+from dip_r1.models import LoraSpec, PolicySpec, is_peft
 
 PREFIX = "policy."
 """Prefix of the policy's weights in a module's state dict."""
@@ -33,15 +36,19 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 _MODEL_FILES = {"config.json", "generation_config.json", "adapter_config.json"}
 BASE_RECORDS = {"README.md", "scores.json"}
 """Files about the base model itself (its card, ``dip_r1.pretrain``'s scores): never copied to a trained one."""
+EXPORT_RECORD = "dip_r1_export.json"
+"""Written into every exported folder: what it was exported from; an export replaces only such a folder."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a Lightning checkpoint file on the CPU with ``weights_only`` (our spec classes allowed)."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a sharded (FSDP) checkpoint: consolidate it first with "
-            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
+        raise preflight.InputError(
+            "checkpoint",
+            path,
+            "a sharded (FSDP) checkpoint folder",
+            f"consolidate it first: python -m lightning.pytorch.utilities.consolidate_checkpoint {path}",
         )
     with torch.serialization.safe_globals([PolicySpec, LoraSpec, SamplingConfig, LossConfig]):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -82,7 +89,8 @@ def _spec_from_config(path: str | Path) -> dict:
 def policy_spec_of(
     checkpoint: dict, model: str | Path | None = None, config: str | Path | None = None
 ) -> PolicySpec:
-    """The :class:`PolicySpec` a checkpoint was trained with; ``model`` replaces its base path.
+    """The :class:`PolicySpec` a checkpoint was trained with; ``model`` replaces its base path, and the absolute
+    base path the run recorded (``checkpoint["dip_r1"]["model"]``) replaces a relative one when it is there.
 
     Looked up in ``config`` (a CLI ``config.yaml``) when given, else ``hyper_parameters["policy"]``, else
     ``checkpoint["dip_r1"]["policy"]``; when none records it, a spec without LoRA on ``model`` or on
@@ -101,11 +109,27 @@ def policy_spec_of(
             raise ValueError("the checkpoint records no base model: pass --model PATH")
         values = {"path": str(path)}
     spec = spec_from_dict(values)
+    at_training = Path(recorded.get("model") or "")  # absolute when the run recorded where it found the base
     if model is not None:
         spec = dataclasses.replace(spec, path=str(model))
-    elif not Path(spec.path).expanduser().is_dir() and recorded.get("model"):
+    elif recorded.get("model") and (
+        (at_training.is_absolute() and at_training.is_dir()) or not Path(spec.path).expanduser().is_dir()
+    ):
         spec = dataclasses.replace(spec, path=str(recorded["model"]))
     return spec
+
+
+def find_base(path: str | Path, ckpt: str | Path) -> Path:
+    """A base folder the checkpoint names by a relative path (relative to the folder its run started in):
+    from the working folder when it is there, else from the first folder above the checkpoint that holds it
+    (``runs/x/checkpoints/last.ckpt`` -> the folder holding ``runs/``)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    for folder in Path(ckpt).resolve().parents:
+        if (folder / p).is_dir():
+            return folder / p
+    return p
 
 
 def policy_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -163,23 +187,28 @@ def export(
     model: str | Path | None = None,
     config: str | Path | None = None,
     dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the checkpoint's policy to ``out``: a peft adapter folder, or (``merge``, or full fine-tuning) a
     full model; plus the base's processor files. Returns ``out``.
 
     Args:
         ckpt: a Lightning checkpoint file of GRPOModule or SFTModule.
-        out: the folder to write (created; files of the same name are replaced).
+        out: the folder to write: new, empty, or an earlier export (its ``dip_r1_export.json``); any other
+            folder (a model it did not write, the base itself) only with ``overwrite``, the base never.
         merge: merge the LoRA adapters into the base weights and write a plain transformers model.
         model: base checkpoint folder, instead of the one the checkpoint records.
         config: the run's CLI ``config.yaml``, for checkpoints that do not record their PolicySpec.
         dtype: weight dtype of the export (default: the training dtype).
+        overwrite: write into ``out`` even when it holds files this command did not write.
     """
+    preflight.check_checkpoint(ckpt, flag="--ckpt")
     checkpoint = load_checkpoint(ckpt)
     spec = policy_spec_of(checkpoint, model, config)
-    base = check_model_path(spec.path)
+    base = preflight.check_model_folder(find_base(spec.path, ckpt), what="base model", flag="--model")
+    spec = dataclasses.replace(spec, path=str(base))
+    out = check_out(out, base, overwrite)
     policy, _ = restore_policy(checkpoint, spec, dtype)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft(policy) and not merge:
         for peft_config in policy.peft_config.values():
@@ -191,10 +220,36 @@ def export(
             policy = policy.merge_and_unload()
         policy.save_pretrained(out)
     copy_processor_files(base, out)
+    record = {"ckpt": str(Path(ckpt).resolve()), "base": str(base.resolve()), "merged": bool(merge)}
+    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def check_out(out: str | Path, base: Path, overwrite: bool = False) -> Path:
+    """``out`` when an export may write there: not the base model's folder, and new, empty, an earlier export,
+    or ``overwrite``."""
+    out = Path(out)
+    if out.exists() and out.resolve() == base.resolve():
+        raise preflight.InputError(
+            "--out", out, "it is the base model's own folder", "export to a new folder"
+        )
+    if not out.exists() or overwrite or (out / EXPORT_RECORD).is_file():
+        return out
+    if not out.is_dir():
+        raise preflight.InputError("--out", out, "a file, not a folder", "export to a new folder")
+    if any(out.iterdir()):
+        raise preflight.InputError(
+            "--out",
+            out,
+            f"it holds files an export did not write (no {EXPORT_RECORD})",
+            "export to a new folder, or pass --overwrite",
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """``python -m dip_r1.export``; a bad input exits with status 2 and one line (``--debug``: a traceback)."""
+    debug, argv = preflight.debugging(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="python -m dip_r1.export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--ckpt", required=True, help="Lightning checkpoint (.ckpt) of GRPOModule or SFTModule"
@@ -204,10 +259,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", help="base checkpoint folder (default: the one the checkpoint records)")
     parser.add_argument("--config", help="the run's config.yaml, if the checkpoint records no PolicySpec")
     parser.add_argument("--dtype", help="weight dtype of the export, e.g. bfloat16 (default: training dtype)")
-    args = parser.parse_args(argv)
-    out = export(
-        args.ckpt, args.out, merge=args.merge, model=args.model, config=args.config, dtype=args.dtype
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into --out even when it holds files of something else"
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a bad input")
+    args = parser.parse_args(argv)
+    with preflight.reported("python -m dip_r1.export", debug):
+        out = export(
+            args.ckpt,
+            args.out,
+            merge=args.merge,
+            model=args.model,
+            config=args.config,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
     print(f"dip_r1: exported {args.ckpt} -> {out}")
     return out
 

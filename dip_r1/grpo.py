@@ -14,11 +14,27 @@ Where this differs from the paper and from TRL's ``GRPOTrainer``:
   to the per-token loss, and only when ``beta > 0`` (DAPO and Dr.GRPO use ``beta = 0``, which also
   saves the reference forward pass).
 - Clipping: separate ``epsilon_low`` / ``epsilon_high`` ("clip-higher" from DAPO, arXiv 2503.14476).
+- Importance sampling: per token (PPO, the paper) or, with ``importance_sampling_level="sequence"``,
+  one ratio per completion, ``exp(mean over its tokens of logp - old_logp)`` (GSPO, arXiv 2507.18071;
+  TRL's option of the same name), clipped like the token ratio.
 - Aggregation: ``loss_type`` "grpo" (paper: mean per sequence, then over sequences), "bnpo" (mean
-  over all completion tokens, DAPO's token-level loss) and "dr_grpo" (sum / (N x max length), from
-  Dr.GRPO, arXiv 2503.20783, which removes the length bias). All three are written as fixed
+  over the completion tokens of this rank's batch), "dapo" (the same mean over the active tokens of the
+  whole batch on every rank, DAPO's token-level loss and TRL's default) and "dr_grpo" (sum / (N x max
+  length), from Dr.GRPO, arXiv 2503.20783, which removes the length bias). All are written as fixed
   per-token weights (:func:`token_weights`) so a loss computed over micro-batches of completions
-  with gradient accumulation sums to exactly the full-batch loss.
+  with gradient accumulation sums to exactly the full-batch loss (TRL's "bnpo" normalises each
+  micro-batch by its own tokens instead; ours is its full-batch value, so on one rank "bnpo" and
+  "dapo" agree).
+- "cispo" (MiniMax-M1, arXiv 2506.13585): ``-min(r, epsilon_high).detach() x A x logp``, aggregated as
+  "dapo": the importance weight is clipped and detached, so every token keeps a gradient; here
+  ``epsilon_high`` is the bound on the weight itself (ScaleRL recommends 5), not ``1 + epsilon_high``.
+- Entropy: :func:`token_logprobs` can return each position's entropy from the same pass over the
+  logits; ``top_entropy_quantile < 1`` keeps the surrogate (not the KL term) on the tokens at or above
+  that quantile of the micro-batch's entropies only (:func:`high_entropy_mask`, "Beyond the 80/20
+  rule", arXiv 2506.01939), as TRL takes it over its per-device batch.
+- Dynamic sampling (DAPO; verl's ``filter_groups``) is not a loss term: ``GRPOModule(dynamic_sampling=True)``
+  leaves out groups whose advantages are all 0 (:func:`zero_std_mask`) and draws more prompts inside the
+  step (:mod:`dip_r1.dynamic_sampling`); TRL has no equivalent.
 - Standard deviations are population ones (``unbiased=False``), TRL uses ``torch.std`` (unbiased):
   ours makes a group's advantages exactly unit-variance and is defined for ``G = 1``; the two differ
   by a factor ``sqrt((G - 1) / G)``.
@@ -37,9 +53,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dip_r1.config import LOSS_TYPES, SCALES, LossConfig
-
-_CHUNK_ELEMENTS = 1 << 24  # logits elements handled at once: 64 MB of float32 temporaries
+from dip_r1.config import IS_LEVELS, LOSS_TYPES, SCALES, LossConfig
+from dip_r1.logprobs import token_logprobs as token_logprobs  # re-exported: part of the objective's API
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
@@ -93,54 +108,6 @@ def zero_std_mask(rewards: Tensor, group_size: int) -> Tensor:
     return flat.repeat_interleave(group_size)
 
 
-class _TokenLogProbs(torch.autograd.Function):
-    """log softmax(logits / t)[label] with a chunked backward that saves no ``[N, T, V]`` copy."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-        n, t, v = logits.shape
-        rows = max(1, _CHUNK_ELEMENTS // max(1, t * v))
-        out = torch.empty(n, t, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
-        for i in range(0, n, rows):
-            chunk = logits[i : i + rows].float() / temperature  # [n', T, V], float32 for accuracy
-            lse[i : i + rows] = chunk.logsumexp(dim=-1)
-            picked = chunk.gather(-1, labels[i : i + rows, :, None]).squeeze(-1)  # [n', T]
-            out[i : i + rows] = picked - lse[i : i + rows]
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature, ctx.rows = temperature, rows
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], ctx.rows):
-            sl = slice(i, i + ctx.rows)
-            g = grad_out[sl, :, None].float()  # [n', T, 1]
-            # d logp / d z_v = (1[v == label] - softmax_v) / temperature
-            probs = torch.exp(logits[sl].float() / ctx.temperature - lse[sl, :, None])  # [n', T, V]
-            probs.mul_(-g).scatter_add_(-1, labels[sl, :, None], g)
-            grad[sl] = probs.div_(ctx.temperature)
-        return grad, None, None
-
-
-def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-prob of each label under ``softmax(logits / temperature)``, ``Tensor[N, T]`` float32.
-
-    ``logits``: ``Tensor[N, T, V]`` (any float dtype; computed in float32), ``labels``:
-    ``Tensor[N, T]`` of valid token ids (put e.g. the pad id at masked positions, not -100).
-    Memory-light: works in chunks over ``N`` (logsumexp and gather, no full ``log_softmax``), and
-    the backward recomputes the softmax chunk by chunk instead of saving a float32 copy.
-
-    >>> logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))  # [1, 2, 3]
-    >>> token_logprobs(logits, torch.tensor([[0, 2]])).exp()
-    tensor([[0.5000, 0.8000]])
-    """
-    return _TokenLogProbs.apply(logits, labels, float(temperature))
-
-
 def completion_mask(
     completion_ids: Tensor, eos_token_id: int | list[int], pad_token_id: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -188,27 +155,101 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def log_importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """Log of the importance ratio: ``logp - old_logp`` per token (``Tensor[N, T]``), or with ``level``
+    "sequence" its mean over each completion's ``mask`` (GSPO), ``Tensor[N, 1]``.
+
+    >>> log_importance_weights(torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[-1.0, -1.0, 0.0]]),
+    ...                        torch.tensor([[1, 1, 0]]), "sequence")
+    tensor([[0.5000]])
+    """
+    log_ratio = logp - old_logp  # [N, T]
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
+    m = mask.to(log_ratio.dtype)
+    return ((log_ratio * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0))[:, None]  # [N, 1]
+
+
 def clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    *,
+    mask: Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate loss per token, ``-min(r A, clip(r, 1 - el, 1 + eh) A)``.
 
     ``logp``, ``old_logp``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` (one per completion) or
     ``Tensor[N, T]`` (one per token, :func:`block_advantages`);
-    ``r = exp(logp - old_logp)``. Returns ``(per_token_loss Tensor[N, T], clipped Tensor[N, T]
-    bool)``; ``clipped`` marks tokens whose clipped term is active (zero gradient), as TRL counts.
+    ``r = exp(logp - old_logp)``, or one ratio per completion with ``importance_sampling_level``
+    "sequence" (:func:`log_importance_weights`, needs ``mask``). Returns ``(per_token_loss Tensor[N, T],
+    clipped Tensor[N, T] bool)``; ``clipped`` marks tokens whose clipped term is active (zero gradient), as TRL counts.
 
     >>> loss, clipped = clipped_surrogate(torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2), torch.tensor([1.0]))
     >>> loss, clipped
     (tensor([[-1.2000, -0.5000]]), tensor([[ True, False]]))
     """
     adv = advantages if advantages.dim() == 2 else advantages.reshape(-1, 1)  # [N, T] or [N, 1]
-    ratio = torch.exp(logp - old_logp)  # [N, T]
+    ratio = torch.exp(_log_weights(logp, old_logp, mask, importance_sampling_level))  # [N, T] or [N, 1]
     unclipped = ratio * adv
     clipped_term = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     per_token = -torch.min(unclipped, clipped_term)
     clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    return per_token, clipped
+    return per_token.expand_as(logp), clipped.expand_as(logp)
+
+
+def cispo_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    epsilon_high: float = 5.0,
+    *,
+    mask: Tensor | None = None,
+    importance_sampling_level: str = "token",
+) -> tuple[Tensor, Tensor]:
+    """CISPO's loss per token, ``-min(r, epsilon_high).detach() x A x logp`` (MiniMax-M1, TRL's "cispo").
+
+    The clipped weight carries no gradient, so every token gets ``-w A`` times the gradient of its
+    log-prob, clipped or not. Shapes and ``r`` as :func:`clipped_surrogate`; ``clipped`` marks tokens
+    with ``r > epsilon_high`` and ``A > 0`` (TRL's ``cispo_clip_ratio``).
+
+    >>> logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    >>> loss, clipped = cispo_surrogate(logp, logp - torch.log(torch.tensor([[1.0, 8.0]])), torch.tensor([2.0]))
+    >>> loss, clipped  # -1 x 2 x ln 0.5, -5 x 2 x ln 0.25
+    (tensor([[ 1.3863, 13.8629]]), tensor([[False,  True]]))
+    """
+    adv = advantages if advantages.dim() == 2 else advantages.reshape(-1, 1)  # [N, T] or [N, 1]
+    ratio = torch.exp(_log_weights(logp, old_logp, mask, importance_sampling_level)).detach()
+    per_token = -torch.clamp(ratio, max=epsilon_high) * adv * logp  # [N, T]
+    clipped = (ratio > epsilon_high) & (adv > 0)
+    return per_token, clipped.expand_as(logp)
+
+
+def _log_weights(logp: Tensor, old_logp: Tensor, mask: Tensor | None, level: str) -> Tensor:
+    if level == "sequence" and mask is None:
+        raise ValueError('importance_sampling_level "sequence" needs the completion mask')
+    return log_importance_weights(logp, old_logp, mask, level)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+    """``Tensor[N, T]`` bool: the tokens of ``mask`` whose entropy is at least the ``1 - top_quantile``
+    quantile (linear interpolation, ``torch.quantile``) of the entropies under ``mask``, as TRL's
+    ``get_high_entropy_mask`` on one process; all False for an empty ``mask``.
+
+    >>> high_entropy_mask(torch.tensor([[0.1, 0.9, 0.5, 0.3]]), torch.tensor([[1, 1, 1, 0]]), 0.5).tolist()
+    [[False, True, True, False]]
+    """
+    m = mask.bool()
+    values = entropies[m].float()
+    if values.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(values, 1.0 - top_quantile)
+    return (entropies * m >= threshold) & m
 
 
 def token_weights(
@@ -216,12 +257,15 @@ def token_weights(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_sequences: int | None = None,
+    num_tokens: float | None = None,
 ) -> Tensor:
     """Per-token weights ``Tensor[N, T]`` with ``loss = (per_token * weights).sum()``.
 
     Compute once on the full batch's ``mask`` (``Tensor[N, T]``), then a micro-batch ``mb`` adds
     ``(per_token[mb] * weights[mb]).sum()``; the micro-batch terms sum to the full-batch loss.
-    "grpo": ``1 / (len_i * N)``; "bnpo": ``1 / total_tokens``; "dr_grpo": ``1 / (N * L)``, with
+    "grpo": ``1 / (len_i * N)``; "bnpo": ``1 / total_tokens``; "dapo" and "cispo": ``1 / num_tokens``
+    (default ``total_tokens``; under DDP the mean over ranks of their token counts, so that the averaged
+    gradient is the whole batch's token mean, as TRL); "dr_grpo": ``1 / (N * L)``, with
     ``L = max_completion_length`` (default ``T``) and ``N = num_sequences`` (default ``mask.shape[0]``).
     Masked tokens get weight 0; an empty sequence still counts in ``N`` for "grpo" (as TRL).
 
@@ -235,6 +279,9 @@ def token_weights(
         return m / (m.sum(dim=1, keepdim=True).clamp(min=1.0) * n)
     if loss_type == "bnpo":
         return m / m.sum().clamp(min=1.0)
+    if loss_type in ("dapo", "cispo"):
+        total = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=m.dtype, device=m.device)
+        return m / total.clamp(min=1.0)
     if loss_type == "dr_grpo":
         return m / (n * (mask.shape[1] if max_completion_length is None else max_completion_length))
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -253,14 +300,18 @@ def grpo_loss(
     advantages: Tensor,
     weights: Tensor,
     config: LossConfig = LossConfig(),  # noqa: B008 (frozen: a shared default is safe)
+    *,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss: clipped surrogate + ``config.beta`` x k3 KL, weighted per token and summed.
+    """The GRPO loss: surrogate (clipped, or CISPO's) + ``config.beta`` x k3 KL, weighted per token and summed.
 
     ``logp``, ``old_logp``, ``ref_logp``: ``Tensor[N, T]``; ``advantages``: ``Tensor[N]`` or ``Tensor[N, T]``;
     ``weights``: these rows of :func:`token_weights` of the whole batch (``config.loss_type``), 0 on tokens
-    outside the loss, so that micro-batch losses sum to the full-batch loss. The KL term is added only when
-    ``beta > 0``. Stats (detached, means over this call's weighted tokens): "kl" (0 when ``ref_logp`` is None),
-    "clip_ratio".
+    outside the loss, so that micro-batch losses sum to the full-batch loss. ``config.importance_sampling_level``
+    "sequence" takes one ratio per completion over its weighted tokens (GSPO). ``entropy_mask`` (``Tensor[N, T]``
+    bool, :func:`high_entropy_mask`): the surrogate counts on these tokens only; the weights and the KL term keep
+    every token (as TRL). The KL term is added only when ``beta > 0``. Stats (detached, means over this call's
+    weighted tokens): "kl" (0 when ``ref_logp`` is None), "clip_ratio" (CISPO: weights above ``epsilon_high``).
 
     >>> logp = torch.zeros(1, 2, requires_grad=True)
     >>> weights = token_weights(torch.ones(1, 2))
@@ -271,9 +322,15 @@ def grpo_loss(
     if config.beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
     mask = weights > 0
-    per_token, clipped = clipped_surrogate(
-        logp, old_logp, advantages, config.epsilon_low, config.epsilon_high
-    )
+    level = {"mask": mask, "importance_sampling_level": config.importance_sampling_level}
+    if config.loss_type == "cispo":
+        per_token, clipped = cispo_surrogate(logp, old_logp, advantages, config.epsilon_high, **level)
+    else:
+        per_token, clipped = clipped_surrogate(
+            logp, old_logp, advantages, config.epsilon_low, config.epsilon_high, **level
+        )
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
     if config.beta > 0:
         per_token = per_token + config.beta * kl

@@ -15,6 +15,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from dip_r1.preflight import MODEL_FLAG, MissingInput, check_model_folder
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -72,11 +74,30 @@ class LoraSpec:
 
 
 def check_model_path(path: str | Path) -> Path:
-    """Fail in one line, before anything is loaded, when a local checkpoint is missing."""
+    """Fail in one line, before anything is loaded, when a local checkpoint is missing or incomplete
+    (:func:`dip_r1.preflight.check_model_folder`)."""
+    return check_model_folder(path)
+
+
+def prepare_model_path(path: str | Path, warm_start: CheckpointBuilder | None) -> Path:
+    """The checked model folder at ``path``; when there is none, built first by ``warm_start`` if it may build
+    there: at its own ``home`` (the folder a recipe names, e.g. ``TinyPretrain``'s committed base), or anywhere
+    with its ``force`` set. A mistyped path never starts a build: it stops with one line instead."""
     p = Path(path).expanduser()
-    if not has_checkpoint(p):
-        raise FileNotFoundError(f"no model checkpoint at {p} (expected {p / 'config.json'})")
-    return p
+    empty = not p.exists() or (p.is_dir() and not any(p.iterdir()))
+    if warm_start is not None and empty:
+        home = getattr(warm_start, "home", None)
+        if getattr(warm_start, "force", False) or (home is not None and Path(home).resolve() == p.resolve()):
+            warm_start.build(p)
+        else:
+            where = f"only at {home}" if home is not None else "only when asked"
+            raise MissingInput(
+                "model",
+                p,
+                f"no such model, and its warm_start builds {where}",
+                f"check {MODEL_FLAG}, or build one here with --model.init_args.warm_start.init_args.force true",
+            )
+    return check_model_path(p)
 
 
 def has_checkpoint(path: str | Path) -> bool:
@@ -306,7 +327,10 @@ def load_policy(
 class CheckpointBuilder(Protocol):
     """Anything that writes a transformers checkpoint to a folder: the ``warm_start`` of ``GRPOModule`` and
     ``SFTModule``, run when ``policy.path`` holds no checkpoint yet (e.g. ``dip_r1.pretrain.TinyPretrain``,
-    ``dip_r1.quickstart.TinySFT``). Named in YAML by ``class_path``."""
+    ``dip_r1.quickstart.TinySFT``). Named in YAML by ``class_path``.
+
+    A builder may also have ``home`` (the one folder it builds in unasked) and ``force`` (build at any
+    path): :func:`prepare_model_path` builds only there, or when forced, never at a path a user mistyped."""
 
     def build(self, path: str | Path) -> Path:
         """Write the checkpoint to ``path`` and return it."""

@@ -20,10 +20,9 @@ from dip_r1.config import SamplingConfig
 from dip_r1.models import (
     CheckpointBuilder,
     PolicySpec,
-    check_model_path,
     checkpoint_state,
-    has_checkpoint,
     load_processor,
+    prepare_model_path,
 )
 from dip_r1.tokens import TokenIds
 
@@ -42,19 +41,20 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
     ) -> None:
-        """Build the checkpoint if ``warm_start`` is given and it is missing, check it, load its processor."""
+        """Build the checkpoint if ``warm_start`` is given, it is missing and the builder may build there (its
+        ``home``, or ``force``: :func:`~dip_r1.models.prepare_model_path`), check it, load its processor."""
         # LoRA checkpoints hold only the trainable weights: the frozen base comes from `policy.path`.
         self.strict_loading = False
-        if warm_start is not None and not has_checkpoint(policy.path):
-            warm_start.build(policy.path)
         self.policy_spec = policy
-        self.model_path = check_model_path(policy.path)
+        self.model_path = prepare_model_path(policy.path, warm_start)
         self.processor = load_processor(self.model_path)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None  # a frozen copy, where the subclass needs one
         self._token_ids: TokenIds | None = None
+        self.skipped_steps = 0
+        """Optimiser steps skipped for a non-finite loss or gradient (:meth:`checked_step`)."""
 
     def setup_evaluation(self, sampling: SamplingConfig, micro_batch_size: int, compare_base: bool) -> None:
         """How ``validate`` / ``test`` / ``predict`` decode (``sampling``), how many answers are scored at once,
@@ -67,12 +67,19 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def data_spec(self) -> dict:
-        """What the DataModule needs of this model: ``datamodule.connect(module.processor, **module.data_spec())``."""
-        return self.policy_spec.data_spec(self.processor)
+        """What the DataModule needs of this model: ``datamodule.connect(module.processor, **module.data_spec())``
+        (the coordinate convention; the source images too when the model zooms)."""
+        keep_source = self.eval_sampling.look_mode == "zoom"
+        return {**self.policy_spec.data_spec(self.processor), "keep_source": keep_source}
 
-    def load_policy(self) -> torch.nn.Module:
-        """Load the policy (``configure_model`` calls this once) in training mode."""
+    def load_policy(self, disable_dropout: bool = False) -> torch.nn.Module:
+        """Load the policy (``configure_model`` calls this once) in training mode; ``disable_dropout`` sets every
+        dropout probability to 0 (LoRA's included)."""
         self.policy, _ = self.policy_spec.load()
+        if disable_dropout:
+            for module in self.policy.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         self.policy.train()
         return self.policy
 
@@ -97,6 +104,24 @@ class PolicyModule(L.LightningModule):
                 return TokenIds.of(None, self.processor)
             self._token_ids = TokenIds.of(self.policy, self.processor)
         return self._token_ids
+
+    def checked_step(self, optimizer, loss: torch.Tensor, max_grad_norm: float, on_nonfinite: str) -> None:
+        """Clip the gradient norm (``max_grad_norm`` > 0), then step the optimiser and the scheduler, unless the
+        loss or a gradient is not finite: then ``on_nonfinite`` ``"raise"`` raises and ``"skip"`` counts the step
+        in :attr:`skipped_steps` and drops its gradients."""
+        if max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not (torch.isfinite(torch.as_tensor(loss)) and all(torch.isfinite(g).all() for g in grads)):
+            if on_nonfinite == "raise":
+                raise FloatingPointError(f"non-finite loss or gradient at step {self.global_step}")
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
@@ -130,7 +155,7 @@ class PolicyModule(L.LightningModule):
     def _predict(self, model: torch.nn.Module, batch: dict) -> list[evaluation.Prediction]:
         return evaluation.predict(
             model,
-            self.tokenizer,
+            self.processor,
             batch,
             self.eval_sampling,
             self.token_ids,
@@ -171,6 +196,10 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = checkpoint_state(checkpoint["state_dict"], self.policy)
         checkpoint["dip_r1"] = {
-            "model": str(self.model_path),
+            "model": str(self.model_path.resolve()),  # an export from any working folder finds it
             "policy": dataclasses.asdict(self.policy_spec),
+            "skipped_steps": self.skipped_steps,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("dip_r1", {}).get("skipped_steps", 0)

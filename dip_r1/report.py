@@ -115,6 +115,7 @@ def prediction_record(p: Prediction, image: str | None = None) -> dict[str, Any]
     return {
         "image_id": target.get("image_id"),
         "dataset": target.get("dataset"),
+        "image_path": target.get("image_path"),
         "image": image,
         "orig_size": list(target.get("orig_size", ())),
         "completion": p.text,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -124,3 +126,67 @@ def repeat_cache(cache, repeats: int) -> None:
 def _store_recurrent_state(layer, recurrent_states: Tensor, state_idx: int = 0, **kwargs) -> Tensor:
     layer.recurrent_states[state_idx] = recurrent_states
     return recurrent_states
+
+
+@dataclass
+class VisionInputs:
+    """Every image of a rollout, prompts' and crops', in one bank: their patches, grids and, where the encoder's
+    output can be reused (:func:`encode_images`), that output; any forward takes an ordered subset.
+
+    Image ``i``'s patches are rows ``offsets[i]:offsets[i + 1]`` of ``pixel_values``. A sequence holding several
+    images (a prompt image, then the crops a completion was shown) takes them in that order: the model scatters
+    image features into its image tokens row by row, in order.
+    """
+
+    pixel_values: Tensor
+    """``Tensor[patches, D]``: all images' patches, one image after the other."""
+    grid_thw: Tensor
+    """``Tensor[I, 3]``: each image's patch grid."""
+    features: Any = None
+    """The encoder's output for all ``I`` images (``pooler_output`` one tensor per image), or None."""
+
+    @classmethod
+    def encode(cls, model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> VisionInputs:
+        """The bank of these images, encoded once when the output can be reused."""
+        features = encode_images(model, {"pixel_values": pixel_values, "image_grid_thw": grid_thw})
+        return cls(pixel_values, grid_thw, features)
+
+    def __len__(self) -> int:
+        return len(self.grid_thw)
+
+    def select(self, index: list[int]) -> dict[str, Any]:
+        """The forward keywords for images ``index`` in that order: ``mm_encoder_outputs`` when encoded, else
+        ``pixel_values`` and ``image_grid_thw`` (the encoder then runs in that forward); ``{}`` for none."""
+        if not index:
+            return {}
+        if self.features is not None:
+            return {"mm_encoder_outputs": select_image_features(self.features, torch.tensor(index))}
+        sizes = self.grid_thw.prod(dim=-1).tolist()
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index]).to(self.pixel_values.device)
+        return {"pixel_values": self.pixel_values[rows], "image_grid_thw": self.grid_thw[index]}
+
+    def extend(self, other: VisionInputs) -> VisionInputs:
+        """This bank followed by ``other``'s images (their indices shift by ``len(self)``)."""
+        features = None
+        if self.features is not None and other.features is not None:
+            features = _concat_features(self.features, other.features)
+        return VisionInputs(
+            torch.cat([self.pixel_values, other.pixel_values.to(self.pixel_values)]),
+            torch.cat([self.grid_thw, other.grid_thw.to(self.grid_thw)]),
+            features,
+        )
+
+
+def _concat_features(a, b):
+    """Two encoder outputs as one: per-image tuples joined, per-layer lists joined layer by layer."""
+    join = lambda x, y: tuple(x) + tuple(y)  # noqa: E731
+    extra = {
+        k: join(v, _extra_features(b)[k])
+        if isinstance(v[0], Tensor)
+        else [join(la, lb) for la, lb in zip(v, _extra_features(b)[k])]
+        for k, v in _extra_features(a).items()
+    }
+    return type(a)(pooler_output=join(a.pooler_output, b.pooler_output), **extra)

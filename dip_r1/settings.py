@@ -57,6 +57,7 @@ def check_grpo_settings(hp) -> None:
     check_range("micro_batch_size", hp.micro_batch_size, 1)
     check_range("group_size", hp.group_size, 1)
     check_range("num_iterations", hp.num_iterations, 1)
+    check_range("max_resample_batches", hp.max_resample_batches, 0)
     check_range("max_grad_norm", hp.max_grad_norm, 0)
     if hp.group_size == 1:
         # Group-relative advantages of a group of one are all 0: only the KL term (beta > 0) gives a gradient.

@@ -46,7 +46,8 @@ class SFTModule(PolicyModule):
 
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
-        warm_start: builds the checkpoint at ``policy.path`` when it is missing.
+        warm_start: builds the checkpoint at ``policy.path`` when it is missing, only at its own ``home`` folder
+            or with its ``force`` set (``dip_r1.models.prepare_model_path``).
         max_look: look boxes in each target (the most occluded objects).
         max_target_tokens: targets are cut to this many tokens.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-4 by default).

@@ -18,18 +18,26 @@ class LengthReward(GroupReward):
     """Toy reward with spread in every group of a random policy: the completion's length / 40, at most 1.
 
     With ``record`` set, each call appends ``{"rank", "image_ids", "scores"}`` to ``<record>/rank<r>.jsonl``.
+    With ``flat_even``, the groups of images whose id ends in an even number all score 0.5 (zero std: rigged for
+    dynamic sampling).
     """
 
-    def __init__(self, record: str | None = None, **kwargs) -> None:
+    def __init__(self, record: str | None = None, flat_even: bool = False, **kwargs) -> None:
         """
         Args:
             record: folder where every scored batch is written down per rank (None: nothing written).
+            flat_even: score the groups of even-numbered images 0.5 each.
         """
         super().__init__(**kwargs)
         self.record = record
+        self.flat_even = flat_even
 
     def score(self, completions, targets, group_size):
         scores = torch.tensor([min(len(p.text) / 40, 1.0) for p in completions])
+        if self.flat_even:
+            for b, target in enumerate(targets):
+                if int(target["image_id"].rsplit("_", 1)[-1]) % 2 == 0:
+                    scores[b * group_size : (b + 1) * group_size] = 0.5
         if self.record:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             row = {"rank": rank, "image_ids": [t["image_id"] for t in targets], "scores": scores.tolist()}

@@ -38,6 +38,36 @@ def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
     assert result["vision_calls_per_step"] == 2
     assert result["vision_calls_scoring_per_step"] == 0
     assert result["tokens_per_step"] == 2 * 3 * 4  # --fixed-length: every completion exactly T tokens
+    assert result["rollouts_per_step"] == 1
+
+
+def test_grpo_step_bench_with_dynamic_sampling_draws_more_batches(tiny_qwen2_vl, capsys):
+    bench = _load_bench()
+    argv = [
+        "--model",
+        tiny_qwen2_vl,
+        "--prompts",
+        "2",
+        "--group",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--steps",
+        "1",
+    ]
+    import torch
+
+    try:  # half the groups flat: each step rolls out its batch and one more to fill its 2 groups
+        bench.main(
+            [*argv, "--warmup", "0", "--image-size", "56", "--flat-share", "0.5", "--dynamic-sampling"]
+        )
+    finally:
+        torch.set_flush_denormal(False)
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rollouts_per_step"] == 2
+    assert result["vision_calls_rollout_per_step"] == 4
 
 
 def test_benchmark_model_sizes():

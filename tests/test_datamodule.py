@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
 from dip_r1.data import DetectionCollate, DetectionDataModule, DetectionPromptBuilder, DetectionSample
+from dip_r1.preflight import InputError
 
 
 class FakeTokenizer:
@@ -117,6 +118,24 @@ def test_failed_batches_are_none_and_counted(tmp_path):
     }
     with pytest.raises(ValueError, match="m0.jpg"):
         _delivered(_module([missing], strict=True), 1)
+    with pytest.warns(
+        UserWarning, match=r"^data: skipped over the run \(data/skipped_\*\): missing_image 2$"
+    ):
+        dm.teardown("fit")
+
+
+def test_a_source_whose_images_never_load_stops_the_run(tmp_path):
+    good = _samples(tmp_path, 1)
+    missing = [DetectionSample(f"m{i}", tmp_path / f"m{i}.jpg", 0, 0) for i in range(3)]
+    # repeated endlessly, three missing images fail again and again: the fourth failure stops it
+    dm = _module([missing, good], batch_size=1, shuffle_buffer=0, max_failures_before_first=4)
+    dm.streams["train"].names = ["lost", "fine"]
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(InputError, match=r"^train source lost at .*: none of its first 4"),
+    ):
+        _delivered(dm, 40)
+    assert dm.loaded[("train", "fine")] > 0  # the other source loads: it alone never stops the run
 
 
 class Recorder(LightningModule):
@@ -201,7 +220,7 @@ data:
     dm = parser.instantiate(parser.parse_args(["--config", str(config)])).data
     assert isinstance(dm.prompt_builder, DetectionPromptBuilder)
     assert (dm.prompt_builder.coordinates, dm.batch_size) == ("relative-1000", 4)
-    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img"]
+    assert [s.image_id for s in dm.streams["train"].sources[0]] == ["img.png"]
 
 
 def test_predict_images_without_annotation(tmp_path):
@@ -210,7 +229,7 @@ def test_predict_images_without_annotation(tmp_path):
     dm = DetectionDataModule(predict_images=str(tmp_path / "*.jpg"), batch_size=4)
     dm.connect(FakeProcessor())
     (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.predict_dataloader()]
-    assert [t["image_id"] for t in batch["targets"]] == ["a", "b"]
+    assert [t["image_id"] for t in batch["targets"]] == ["a.jpg", "b.jpg"]
     assert batch["targets"][0]["boxes"].shape == (0, 4) and batch["targets"][0]["orig_size"] == (30, 30)
     with pytest.raises(ValueError, match="no train sources"):
         dm.train_dataloader()

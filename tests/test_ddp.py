@@ -30,7 +30,15 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_qwen2_vl, monkeypatch):
     record.mkdir()
     run = tmp_path / "run"
     # 24 images, a shuffle buffer of 8: the first 16 items of the stream are 16 distinct images.
-    config = fit_config(run, tiny_qwen2_vl, tmp_path / "crowd", n_images=24, sampling={"max_new_tokens": 8})
+    # loss "dapo": each step averages the token count over the ranks (a collective the ranks must all reach)
+    config = fit_config(
+        run,
+        tiny_qwen2_vl,
+        tmp_path / "crowd",
+        n_images=24,
+        sampling={"max_new_tokens": 8},
+        loss={"loss_type": "dapo"},
+    )
     config["trainer"].update(strategy="ddp", devices=2, max_steps=2)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
     config["model"]["init_args"]["rewards"]["rewards"]["length"]["init_args"] = {"record": str(record)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -161,6 +162,18 @@ def test_policy_spec_of_fallbacks_and_override(tmp_path):
         export.policy_spec_of({"hyper_parameters": {"policy": {**CLI_POLICY, "rank": 3}}})
 
 
+def test_a_relative_base_path_is_found_from_any_working_folder(tmp_path, monkeypatch):
+    # an older checkpoint records only the path its run was given, relative to the folder the run started in
+    (tmp_path / "repo/data/base").mkdir(parents=True)
+    ckpt = tmp_path / "repo/runs/x/checkpoints/last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert export.find_base("data/base", ckpt) == tmp_path / "repo/data/base"
+    assert export.find_base("data/gone", ckpt) == Path("data/gone")  # left to the model folder's check
+    monkeypatch.chdir(tmp_path / "repo")
+    assert export.find_base("data/base", ckpt) == Path("data/base")
+
+
 def test_lora_weights_without_lora_settings_fail_before_loading_anything():
     checkpoint = {"state_dict": {"policy.base_model.model.x.q_proj.lora_A.default.weight": torch.zeros(1)}}
     with pytest.raises(ValueError, match="--config"):
@@ -168,7 +181,7 @@ def test_lora_weights_without_lora_settings_fail_before_loading_anything():
 
 
 def test_sharded_checkpoint_folder_is_refused_with_the_consolidation_command(tmp_path):
-    with pytest.raises(IsADirectoryError, match="consolidate_checkpoint"):
+    with pytest.raises(ValueError, match="sharded .*consolidate_checkpoint"):
         export.load_checkpoint(tmp_path)
 
 

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from dip_r1 import grpo
-from dip_r1.config import LossConfig
+from dip_r1 import logprobs
+from dip_r1.config import IS_LEVELS, LossConfig
 from dip_r1.grpo import (
     LOSS_TYPES,
     apply_truncation_mask,
+    cispo_surrogate,
     clipped_surrogate,
     completion_mask,
     group_advantages,
@@ -74,7 +75,7 @@ def test_token_logprobs_by_hand_with_temperature():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_matches_log_softmax_value_and_grad(monkeypatch, dtype):
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 2 * 5 * 7)  # two rows per chunk: 3 chunks for N = 5
+    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 2 * 5 * 7)  # two rows per chunk: 3 chunks for N = 5
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(5, 7, 11, generator=g) * 3).to(dtype)
     labels = torch.randint(0, 11, (5, 7), generator=g)
@@ -195,8 +196,9 @@ def test_token_weights_by_hand_and_empty_sequence():
     close(token_weights(mask, "dr_grpo", 8), [[1 / 24] * 4, [1 / 24, 0, 0, 0], [0.0] * 4])
 
 
+@pytest.mark.parametrize("level", IS_LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_micro_batches_sum_to_full_batch_loss(loss_type):
+def test_micro_batches_sum_to_full_batch_loss(loss_type, level):
     g = torch.Generator().manual_seed(1)
     n, t = 7, 6
     logp = -torch.rand(n, t, generator=g) * 3
@@ -205,7 +207,10 @@ def test_micro_batches_sum_to_full_batch_loss(loss_type):
     adv = torch.randn(n, generator=g)
     lengths = torch.tensor([6, 1, 3, 0, 5, 2, 4])
     mask = torch.arange(t)[None, :] < lengths[:, None]
-    cfg = LossConfig(beta=0.04, loss_type=loss_type)
+    cispo_bound = 1.2 if loss_type == "cispo" else 0.2  # CISPO's bound on the weight itself
+    cfg = LossConfig(
+        beta=0.04, loss_type=loss_type, epsilon_high=cispo_bound, importance_sampling_level=level
+    )
     weights = token_weights(mask, loss_type, 8)
 
     full, _ = grpo_loss(logp, old, ref, adv, weights, cfg)
@@ -214,7 +219,11 @@ def test_micro_batches_sum_to_full_batch_loss(loss_type):
         for mb in (slice(0, 3), slice(3, 4), slice(4, 7))
     ]
     close(sum(parts), full, 1e-6)
-    per_token, _ = clipped_surrogate(logp, old, adv)
+    level = {"mask": mask, "importance_sampling_level": level}
+    if loss_type == "cispo":
+        per_token, _ = cispo_surrogate(logp, old, adv, cfg.epsilon_high, **level)
+    else:
+        per_token, _ = clipped_surrogate(logp, old, adv, **level)
     close(full, aggregate(per_token + 0.04 * kl_k3(logp, ref), mask, loss_type, 8), 1e-6)
 
 

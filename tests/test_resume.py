@@ -42,21 +42,36 @@ def test_rng_state_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_qwen2_vl, crowd):
+# Dynamic sampling draws extra batches inside a step: the rigged reward makes the groups of half the images flat,
+# so steps draw more, and the stream position saved with step 2 must count those draws.
+DYNAMIC = {
+    "dynamic_sampling": True,
+    "rewards": {
+        "rewards": {"length": {"class_path": "fault_tools.LengthReward", "init_args": {"flat_even": True}}}
+    },
+}
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic_sampling"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_qwen2_vl, crowd, dynamic):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    config = fit_config(whole, tiny_qwen2_vl, crowd)
+    extra = DYNAMIC if dynamic else {}
+    config = fit_config(whole, tiny_qwen2_vl, crowd, **extra)
     done = fit(write_config(tmp_path / "whole.yaml", config))
     assert done.returncode == 0, done.stderr[-3000:]
 
     # The same run, killed with SIGKILL after step 3's work but before its checkpoint: last.ckpt is step 2.
-    config = fit_config(broken, tiny_qwen2_vl, crowd)
+    config = fit_config(broken, tiny_qwen2_vl, crowd, **extra)
     resume_config = write_config(tmp_path / "broken.yaml", config)
     config["trainer"]["callbacks"].append({"class_path": "fault_tools.KillAt", "init_args": {"step": 3}})
     killed = fit(write_config(tmp_path / "killed.yaml", config))
     assert killed.returncode == -signal.SIGKILL
     saved = _load(broken / "checkpoints/last.ckpt")
     assert saved["global_step"] == 2
-    assert saved["DetectionDataModule"]["train"]["consumed"] == [4]  # 2 steps x 2 prompts
+    drawn_by_step_2 = (
+        2 + sum(int(float(r["train/resampled_batches"])) for r in metrics(whole)[:2]) if dynamic else 2
+    )
+    assert saved["DetectionDataModule"]["train"]["consumed"] == [2 * drawn_by_step_2]  # batches x 2 prompts
     assert len(saved["callbacks"]["RNGStateCallback"]["ranks"]) == 1
 
     resumed = fit(resume_config, "--ckpt_path", "last")
@@ -82,6 +97,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_qwen2_vl,
     assert [int(r["step"]) for r in after] == [2, 3]
     expected = [r["train/reward"] for r in metrics(whole)][2:]
     assert [r["train/reward"] for r in after] == expected
+    if dynamic:  # extra batches were drawn, and the resumed run drew the same ones
+        drawn = [r["train/resampled_batches"] for r in metrics(whole)]
+        assert sum(float(d) for d in drawn) > 0
+        assert [r["train/resampled_batches"] for r in after] == drawn[2:]
+        assert [r["train/dropped_groups"] for r in after] == [
+            r["train/dropped_groups"] for r in metrics(whole)
+        ][2:]
 
 
 def test_rng_states_are_put_back_at_the_first_batch_not_at_load():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dip_r1.rewards import ParsedCompletion, parse_completion
 from dip_r1.rewards.functional import format_reward
-from dip_r1.rewards.parsing import MAX_BOXES, MAX_CHARS
+from dip_r1.rewards.parsing import INVALID_REGION, MAX_BOXES, MAX_CHARS
 
 GOOD = (
     "<think>two people, one behind the other</think>\n"
@@ -122,6 +122,11 @@ def _assert_consistent(p: ParsedCompletion) -> None:
         assert len(p.answer_spans) == len(p.answer)
     if p.labels is not None:
         assert len(p.labels) == len(p.answer)
+    if p.answer is None:
+        assert p.regions is None
+    else:
+        assert len(p.regions) == len(p.answer)
+        assert all(r is None or (type(r) is int and r >= 0) for r in p.regions)
 
 
 ADVERSARIAL = {
@@ -172,7 +177,7 @@ def test_adversarial_expected_contents():
 
 FRAGMENTS = st.sampled_from(
     ["<think>", "</think>", "<look>", "</look>", "<answer>", "</answer>", "[", "]", "{", "}", ",", " ", "\n",
-     '"bbox_2d":', '"label":', '"p"', "1", "-2.5", "1e3", "NaN", "Infinity", "0", "100", "人", "\\", '"']
+     '"bbox_2d":', '"label":', '"region":', '"p"', "1", "-2.5", "1e3", "NaN", "Infinity", "0", "100", "人", "\\", '"']
 )  # fmt: skip
 
 
@@ -198,3 +203,31 @@ def test_round_trip_of_generated_answers(rows):
     p = parse_completion(text)
     assert p.well_formed and p.answer.tolist() == [[float(v) for v in b] for b in boxes]
     assert [json.loads(text[a:b]) for a, b in p.answer_spans] == boxes
+
+
+def test_regions_are_kept_per_answer_row_and_invalid_ones_marked():
+    answer = [
+        {"bbox_2d": [1, 2, 3, 4], "label": "a", "region": 2},
+        {"bbox_2d": [5, 5, 1, 9], "label": "b", "region": 1},  # dropped: x2 <= x1, with its region
+        {"region": 1, "bbox_2d": [0, 0, 9, 9], "label": "c"},  # the key may come first
+        {"bbox_2d": [1, 1, 2, 2], "label": "d"},
+    ] + [{"bbox_2d": [1, 1, 2, 2], "label": "e", "region": bad} for bad in (0, -1, 2.5, "1", True, None, {})]
+    text = f"<think>x</think><look>[]</look><answer>{json.dumps(answer)}</answer>"
+    p = parse_completion(text)
+    assert p.well_formed  # the parser does not judge regions: resolve_regions does, against the crops
+    assert p.labels == ["a", "c", "d"] + ["e"] * 7
+    assert p.regions == [2, 1, None] + [INVALID_REGION] * 7
+    assert [text[a:b] for a, b in p.answer_spans[:3]] == ["[1, 2, 3, 4]", "[0, 0, 9, 9]", "[1, 1, 2, 2]"]
+    assert parse_completion(GOOD).regions == [None, None]
+    assert parse_completion("<answer>[[1, 2, 3, 4]]</answer>").regions == [None]
+
+
+def test_regions_of_a_truncated_answer_come_from_each_object():
+    text = (
+        '<think>x</think><look>[]</look><answer>[{"region": 2, "bbox_2d": [1, 2, 3, 4]}, [0, 0, 5, 5], '
+        '{"bbox_2d": [1, 2, 3, 9], "label": "p"}, {"bbox_2d": [2, 2, 3, 3], "region": "x"}, '
+        '{"bbox_2d": [1, 1, 3, 4], "region": 3'
+    )
+    p = parse_completion(text)
+    assert not p.well_formed and len(p.answer) == 5
+    assert p.regions == [2, None, None, INVALID_REGION, 3]

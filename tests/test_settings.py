@@ -24,6 +24,7 @@ BOUNDS = {
     "group_size": ([0, -3], [2, 8], ">= 1"),
     "num_iterations": ([0, -1], [1, 4], ">= 1"),
     "max_grad_norm": ([-1.0], [0.0, 1.0], ">= 0"),
+    "max_resample_batches": ([-1], [0, 3], ">= 0"),
 }
 # the same for the fields of the settings objects, named as the message names them
 CONFIG_BOUNDS = {
@@ -34,6 +35,7 @@ CONFIG_BOUNDS = {
     (LossConfig, "beta"): ([-0.01], [0.0, 0.04], ">= 0"),
     (LossConfig, "epsilon_low"): ([-0.1], [0.0, 0.2], ">= 0"),
     (LossConfig, "epsilon_high"): ([-0.1], [0.0, 0.28], ">= 0"),
+    (LossConfig, "top_entropy_quantile"): ([0.0, -0.2, 1.5], [0.2, 1.0], "in (0, 1]"),
 }
 PREFIX = {SamplingConfig: "sampling", LossConfig: "loss"}
 
@@ -55,6 +57,29 @@ def test_loss_choices_are_checked():
         LossConfig(loss_type="mean")
     with pytest.raises(SettingError, match="loss.scale_rewards must be one of"):
         LossConfig(scale_rewards="token")
+    with pytest.raises(SettingError, match="loss.importance_sampling_level must be one of"):
+        LossConfig(importance_sampling_level="group")
+    # CISPO's epsilon_high bounds the weight itself: below 1 it would cut on-policy tokens
+    with pytest.raises(SettingError) as info:
+        LossConfig(loss_type="cispo")
+    assert str(info.value) == (
+        "loss.epsilon_high is CISPO's bound on the importance weight and must be >= 1 with loss_type 'cispo' "
+        "(ScaleRL uses 5), got 0.2"
+    )
+    LossConfig(loss_type="cispo", epsilon_high=5.0)
+    for loss_type in ("dapo", "bnpo", "dr_grpo", "grpo"):
+        LossConfig(loss_type=loss_type, importance_sampling_level="sequence")
+
+
+def test_new_options_default_off():
+    """Today's behaviour unless asked: token-level ratios, every token, no resampling."""
+    loss = LossConfig()
+    assert (loss.loss_type, loss.importance_sampling_level, loss.top_entropy_quantile) == (
+        "grpo",
+        "token",
+        1.0,
+    )
+    assert DEFAULTS["dynamic_sampling"] is False and DEFAULTS["max_resample_batches"] == 3
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))

@@ -475,5 +475,5 @@ def test_image_folder_that_matches_nothing_says_so(tmp_path):
     from dip_r1.data import ImageFolder
 
     for pattern in (tmp_path, tmp_path / "missing" / "*.jpg"):
-        with pytest.raises(FileNotFoundError, match="no images at"):
+        with pytest.raises(FileNotFoundError, match="no images there"):
             list(ImageFolder(pattern))

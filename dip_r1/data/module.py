@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 
 from dip_r1.data.images import ImageFolder
 from dip_r1.data.prompts import DetectionPromptBuilder
-from dip_r1.data.stream import DetectionSource, DetectionStream
+from dip_r1.data.stream import DetectionSource, DetectionStream, source_path
+from dip_r1.preflight import InputError
+from dip_r1.settings import check_range
 
 STAGES = ("train", "val", "test", "predict")
 
@@ -66,6 +68,12 @@ class TrackedBatch(NamedTuple):
     num_workers: int
     count: int
     skipped: list[str]
+    loaded: list[str] = []
+    """The source (dataset name) of each sample that loaded."""
+    failed: list[str] = []
+    """The source of each sample whose image failed."""
+    error: InputError | None = None
+    """An error raised in the worker (``strict``), raised again by the DataModule in the main process."""
 
 
 class TrackingCollate:
@@ -82,10 +90,16 @@ class TrackingCollate:
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> TrackedBatch:
         shard, workers = items[0]["shard"]
+        error = next((item["error"] for item in items if "error" in item), None)
+        items = [item for item in items if "error" not in item]
         skipped = [item["skipped"] for item in items if "skipped" in item]
-        for item in items:  # annotation-level skips of the readers, reported by one shard
+        for item in items:  # annotation-level skips of the readers (reported by one shard), boxes dropped
             skipped += list(Counter(item.get("reader_skipped", {})).elements())
-        return TrackedBatch(self.collate(items), self.stage, shard, workers, len(items), skipped)
+            skipped += list(Counter(item.get("dropped", {})).elements())
+        loaded = [item["target"]["dataset"] for item in items if "skipped" not in item]
+        failed = [item["dataset"] for item in items if "skipped" in item]
+        batch = self.collate(items) if items else None
+        return TrackedBatch(batch, self.stage, shard, workers, len(items), skipped, loaded, failed, error)
 
 
 class DetectionDataModule(LightningDataModule):
@@ -115,6 +129,7 @@ class DetectionDataModule(LightningDataModule):
         repeat_train: bool = True,
         strict: bool = False,
         predict_images: str | None = None,
+        max_failures_before_first: int = 32,
     ) -> None:
         """
         Args:
@@ -132,11 +147,24 @@ class DetectionDataModule(LightningDataModule):
             seed: Seed of the training stream's mixing and shuffling.
             repeat_train: Repeat the training sources endlessly (RL runs are bounded by max_steps);
                 False: one pass per epoch.
-            strict: Raise on a missing or corrupt image instead of skipping and counting it.
+            strict: Raise on a missing or corrupt image, a malformed line or an empty box, instead of skipping
+                and counting it.
             predict_images: A folder or a glob of images without annotation to predict on
                 (``dip-r1 predict``); added after the ``predict`` sources.
+            max_failures_before_first: Stop the run when this many images of one source failed to load
+                before any of its images did (a wrong image folder would otherwise skip every batch, forever,
+                under ``repeat_train``), >= 1.
         """
         super().__init__()
+        check_range("data.batch_size", batch_size, 1)
+        check_range("data.num_workers", num_workers, 0)
+        check_range("data.shuffle_buffer", shuffle_buffer, 0)
+        check_range("data.max_failures_before_first", max_failures_before_first, 1)
+        self.max_failures_before_first = max_failures_before_first
+        self.loaded: Counter[tuple[str, str]] = Counter()
+        """Samples that loaded, per ``(stage, source name)``."""
+        self.failed: Counter[tuple[str, str]] = Counter()
+        """Samples whose image failed, per ``(stage, source name)``."""
         self.prompt_builder = prompt_builder or DetectionPromptBuilder()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -228,7 +256,13 @@ class DetectionDataModule(LightningDataModule):
         """Count skips and advance the training stream's position for each batch the loop receives."""
         if not isinstance(batch, TrackedBatch):
             return batch
+        if batch.error is not None:
+            raise batch.error
         self.skipped.update(batch.skipped)
+        self.loaded.update((batch.stage, name) for name in batch.loaded)
+        self.failed.update((batch.stage, name) for name in batch.failed)
+        for name in set(batch.failed):
+            self._check_source_loads(batch.stage, name, batch.skipped)
         if batch.stage == "train":
             self.streams["train"].advance(batch.shard, batch.count, batch.num_workers)
         if batch.batch is None:
@@ -240,12 +274,37 @@ class DetectionDataModule(LightningDataModule):
             )
         return batch.batch
 
+    def _check_source_loads(self, stage: str, name: str, reasons: list[str]) -> None:
+        """Stop when a source has failed ``max_failures_before_first`` times without one image loading."""
+        failed = self.failed[(stage, name)]
+        if self.loaded[(stage, name)] or failed < self.max_failures_before_first:
+            return
+        stream = self.streams[stage]
+        path = source_path(stream.sources[stream.names.index(name)]) if name in stream.names else name
+        raise InputError(
+            f"{stage} source {name}",
+            path,
+            f"none of its first {failed} images could be loaded ({', '.join(sorted(set(reasons)))})",
+            "check its image folder and the image paths of its annotations",
+        )
+
+    def usable(self, stage: str) -> int:
+        """Samples of ``stage`` that loaded so far (all sources)."""
+        return sum(n for (s, _), n in self.loaded.items() if s == stage)
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position and the skip counts (Lightning stores them in checkpoints)."""
         state: dict[str, Any] = {"skipped": dict(self.skipped)}
         if "train" in self.streams:
             state["train"] = self.streams["train"].state_dict()
         return state
+
+    def teardown(self, stage: str) -> None:
+        """Say once, at the end of a run, what was skipped or dropped and how often, per reason (the warnings
+        along the way stop repeating after the first few)."""
+        if self.skipped:
+            counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+            warnings.warn(f"data: skipped over the run (data/skipped_*): {counts}", stacklevel=2)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""

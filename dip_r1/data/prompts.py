@@ -161,7 +161,8 @@ class Prompt:
     """The RGB image, already resized to what the processor will keep."""
     target: dict[str, Any]
     """Ground truth in the model's coordinates: ``boxes``, ``ignore``, ``labels``, ``image_size``,
-    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``dataset``, ``resize``."""
+    ``orig_size``, ``resized_size``, ``coordinates``, ``category``, ``image_id``, ``image_path`` (the source
+    file), ``dataset``, ``resize``."""
     source: Image.Image | None = None
     """The decoded original image, kept when the zoom look will cut crops from it."""
 
@@ -291,6 +292,7 @@ class DetectionPromptBuilder:
             "coordinates": self.coordinates,
             "category": category,
             "image_id": sample.image_id,
+            "image_path": str(sample.image_path),
             "dataset": dataset,
             "resize": self.resize_rule(),
         }

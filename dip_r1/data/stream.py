@@ -19,6 +19,7 @@ from dip_r1.boxes import clip_boxes, valid_boxes
 from dip_r1.data.images import DECODE_ERRORS, open_rgb
 from dip_r1.data.prompts import DetectionPromptBuilder
 from dip_r1.data.sample import DetectionSample
+from dip_r1.preflight import InputError, check_annotation_file, check_folder
 
 
 class DetectionSource(Protocol):
@@ -58,20 +59,38 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
     yield from buffer
 
 
-PATH_ATTRIBUTES = ("annotation_file", "ignore_file", "image_dir", "image_root", "root", "path")
-"""The attributes under which the readers of ``dip_r1.data.sources`` keep the files and folders they read."""
+FILE_ATTRIBUTES = ("annotation_file", "ignore_file", "path")
+"""The attributes under which the readers of ``dip_r1.data.sources`` keep the annotation files they read."""
+FOLDER_ATTRIBUTES = ("image_dir", "image_root", "root")
+"""The attributes under which they keep the folders they read (images, a dataset's root)."""
+PATH_ATTRIBUTES = FILE_ATTRIBUTES + FOLDER_ATTRIBUTES
+
+
+def source_path(source: Any) -> Path | str:
+    """The first file or folder a reader reads (for messages), or its name when it has none."""
+    for attribute in PATH_ATTRIBUTES:
+        path = getattr(source, attribute, None)
+        if isinstance(path, Path):
+            return path
+    return getattr(source, "pattern", None) or source_name(source)
 
 
 def check_paths(source: Any) -> None:
-    """Fail in one line naming the path when a reader's annotation file or image folder is missing.
+    """Fail in one line naming the path when a reader's annotation file is missing, a folder or not UTF-8,
+    or its image folder is missing (:mod:`dip_r1.preflight`).
 
     Readers are lazy, so without this a wrong path would surface at the first batch, after the model is
     loaded, or (a wrong image folder) as every image skipped, forever, under ``repeat``.
     """
     for attribute in PATH_ATTRIBUTES:
         path = getattr(source, attribute, None)
-        if isinstance(path, Path) and not path.exists():
-            raise FileNotFoundError(f"{source_name(source)}: {attribute} {path} does not exist")
+        if not isinstance(path, Path):
+            continue
+        what = f"{source_name(source)} {attribute}"
+        if attribute in FILE_ATTRIBUTES:
+            check_annotation_file(path, what)
+        else:
+            check_folder(path, what)
 
 
 class DetectionStream(IterableDataset):
@@ -121,7 +140,8 @@ class DetectionStream(IterableDataset):
             shuffle_buffer: Size of the seeded shuffle buffer; 0 or 1 keeps the sources' order.
             seed: Seed of the mixing and the shuffle (with the epoch).
             repeat: Restart each source when it ends, endlessly (for RL); else one pass per epoch.
-            strict: Raise on a missing or corrupt image instead of skipping it.
+            strict: Raise on a missing or corrupt image instead of skipping it, and set the ``strict`` of every
+                source that has one (malformed lines, empty boxes).
             rank: This process's rank (default: torch.distributed's when initialised, else 0).
             world_size: Number of ranks (default: torch.distributed's when initialised, else 1).
         """
@@ -135,11 +155,18 @@ class DetectionStream(IterableDataset):
                     "iterated again (every worker and every epoch iterates it from the start)"
                 )
             check_paths(source)
+            if strict and hasattr(source, "strict"):
+                source.strict = True  # strict covers the readers' lines and boxes, not only the images
         self.weights = [1.0] * len(self.sources) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.sources):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
+            raise InputError(
+                "weights",
+                self.weights,
+                f"{len(self.weights)} weights for {len(self.sources)} sources",
+                "give one weight per training source in data.train_weights",
+            )
         if not all(math.isfinite(w) and w > 0 for w in self.weights):
-            raise ValueError(f"weights must be positive, got {self.weights}")
+            raise InputError("weights", self.weights, "not all positive", "give positive data.train_weights")
         if (rank is None) != (world_size is None) or (rank is not None and not 0 <= rank < world_size):
             raise ValueError(
                 f"give both rank and world_size, with 0 <= rank < world_size ({rank}, {world_size})"
@@ -266,11 +293,18 @@ class DetectionStream(IterableDataset):
         # lines, empty boxes, unknown labels) would be counted world x workers times: one shard reports them.
         report = rank == 0 and shard == 0
         seen = [Counter(getattr(s, "skipped", None) or {}) for s in self.sources]
-        for source, sample in itertools.islice(mine, consumed[shard], None):
-            item = self._item(source, sample, (shard, workers))
-            if report:
-                item["reader_skipped"] = self._reader_skips(seen)
-            yield item
+        try:
+            for source, sample in itertools.islice(mine, consumed[shard], None):
+                item = self._item(source, sample, (shard, workers))
+                if report:
+                    item["reader_skipped"] = self._reader_skips(seen)
+                yield item
+        except InputError as error:
+            if info is None:
+                raise
+            # Raised in a DataLoader worker it would reach the user re-wrapped, with the worker's traceback:
+            # it travels as an item instead, and the DataModule raises it in the main process.
+            yield {"error": error, "shard": (shard, workers)}
 
     def _reader_skips(self, seen: list[Counter[str]]) -> Counter[str]:
         """What the readers skipped since the last call (``seen`` is updated in place)."""
@@ -295,19 +329,32 @@ class DetectionStream(IterableDataset):
         boxes = clip_boxes(sample.boxes, width, height)
         keep = valid_boxes(boxes)
         ignore = clip_boxes(sample.ignore, width, height)
+        keep_ignore = valid_boxes(ignore)
+        # Boxes outside the decoded image (a reader without the image size could not clip them): counted.
+        dropped = int((~keep).sum()) + int((~keep_ignore).sum())
+        if dropped:
+            if not self.skipped["empty_box"]:
+                warnings.warn(
+                    f"{dataset}: {sample.image_path}: {dropped} box(es) outside the {width}x{height} image "
+                    "(skipped; counted in data/skipped_empty_box, further ones only counted)",
+                    stacklevel=2,
+                )
+            self.skipped["empty_box"] += dropped
         sample = replace(
             sample,
             width=width,
             height=height,
             boxes=boxes[keep],
             labels=[label for label, k in zip(sample.labels, keep.tolist()) if k],
-            ignore=ignore[valid_boxes(ignore)],
+            ignore=ignore[keep_ignore],
         )
         try:
             prompt = self.prompt_builder.build(sample, image, dataset=dataset)
         except ValueError as exc:  # smart_resize refuses extreme aspect ratios
             return self._skip(sample, dataset, shard, "bad_image_size", exc)
         item = {"messages": prompt.messages, "image": prompt.image, "target": prompt.target, "shard": shard}
+        if dropped:
+            item["dropped"] = {"empty_box": dropped}
         if prompt.source is not None:
             item["source"] = prompt.source
         return item
@@ -317,7 +364,9 @@ class DetectionStream(IterableDataset):
     ) -> dict[str, Any]:
         message = f"{dataset}: {sample.image_path} (image {sample.image_id}): {reason}: {exc}"
         if self.strict:
-            raise ValueError(message) from exc
+            raise InputError(
+                f"{dataset} image", sample.image_path, f"{reason}: {exc}", "fix it, or set strict false to skip and count it"
+            ) from exc
         self.skipped[reason] += 1
         warnings.warn(f"skipping {message}", stacklevel=3)
         return {"skipped": reason, "image_id": sample.image_id, "dataset": dataset, "shard": shard}

@@ -21,6 +21,10 @@ class GroupReward(Metric):
     Completions are prompt-major: with B prompts and group size G, completion ``j`` answers prompt
     ``j // G``. ``targets`` holds one dict per prompt: ``boxes`` (``Tensor[N, 4]``), ``ignore``
     (``Tensor[M, 4]``), ``image_size`` (``(W, H)`` of the coordinate space), optionally ``labels``.
+
+    ``step``: the optimiser step the reward scores at, for settings that change with it
+    (:mod:`dip_r1.rewards.schedule`); set by :meth:`set_step` (``RewardSuite.set_step``, called by
+    ``GRPOModule`` before each rollout is scored), 0 until then.
     """
 
     full_state_update = False
@@ -39,6 +43,11 @@ class GroupReward(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self._last: Tensor | None = None
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        """Score from now on as at optimiser step ``step``."""
+        self.step = int(step)
 
     def score(self, completions: list[ParsedCompletion], targets: list[dict], group_size: int) -> Tensor:
         """Per-completion rewards, ``Tensor[B * G]`` float32. Implemented by subclasses."""

@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from dip_r1.boxes import box_ioa_numpy, box_iou_numpy
+from dip_r1.boxes import DUPLICATE_IOU, box_ioa_numpy, box_iou_numpy, repeated_boxes
 from dip_r1.rewards.parsing import parse_completion
 
 # Among assignments of equal total IoU, prefer the one with more pairs, so that the reward does
@@ -126,6 +126,8 @@ def precision_recall_reward(
     precision_weight: float = 0.5,
     recall_weight: float = 0.5,
     iou_weighted: bool = False,
+    duplicate_penalty: float = 0.0,
+    duplicate_iou: float = DUPLICATE_IOU,
 ) -> float:
     """Weighted mean of precision and recall of one-to-one matched boxes, in [0, 1].
 
@@ -134,25 +136,35 @@ def precision_recall_reward(
     ground truth but no prediction 0.0, predictions but no ground truth precision 0 and recall 1.
     ``pred=None`` (no parseable answer) gives 0.0.
 
+    ``duplicate_penalty`` ``p`` in [0, 1] (VisionReasoner's penalty on repeated boxes): with ``n`` answer
+    boxes of which ``d`` overlap an earlier one at IoU >= ``duplicate_iou`` (:func:`dip_r1.boxes.repeated_boxes`),
+    the reward is ``(weighted P/R) x (1 - p x d / n)``. A repeat is already a false positive of the one-to-one
+    matching; the factor makes it cost more than a box in the wrong place, and keeps the reward in [0, 1].
+
     >>> gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
     >>> precision_recall_reward(torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), gt)
     0.5
+    >>> twice = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 9]])  # P 1/2, R 1/2; 1 repeat of 2 boxes
+    >>> precision_recall_reward(twice, gt), precision_recall_reward(twice, gt, duplicate_penalty=1.0)
+    (0.5, 0.25)
     """
     if precision_weight < 0 or recall_weight < 0 or precision_weight + recall_weight <= 0:
         raise ValueError("precision_weight and recall_weight must be >= 0 with a positive sum")
     if pred is None:
         return 0.0
     m = match_detections(pred, gt, ignore, iou_threshold=iou_threshold)
-    if m.num_gt == 0 and m.num_pred == 0:
-        return 1.0
     if m.num_gt == 0:
-        precision, recall = 0.0, 1.0
+        precision, recall = (1.0, 1.0) if m.num_pred == 0 else (0.0, 1.0)
     elif m.num_pred == 0:
         precision, recall = 0.0, 0.0
     else:
         tp = float(m.ious.sum()) if iou_weighted else float(len(m.pred_index))
         precision, recall = tp / m.num_pred, tp / m.num_gt
-    return (precision_weight * precision + recall_weight * recall) / (precision_weight + recall_weight)
+    value = (precision_weight * precision + recall_weight * recall) / (precision_weight + recall_weight)
+    if duplicate_penalty > 0:
+        boxes = torch.as_tensor(as_numpy_boxes(pred))
+        value *= 1.0 - duplicate_penalty * repeated_boxes(boxes, duplicate_iou) / max(len(boxes), 1)
+    return value
 
 
 def inspection_accuracy(

@@ -31,6 +31,11 @@ _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 _BRACKETS_RE = re.compile(r"\[[^\[\]]*\]")
 _TAGS = ("think", "look", "answer")
 _TAG_RE = re.compile(r"</?(?:think|look|answer)>")
+# The value of a "region" key in the text of one object (the fallback's: the block is not valid JSON).
+_REGION_RE = re.compile(r'"region"\s*:\s*("(?:[^"\\]|\\.)*"|[^,}\s\]]+)')
+
+INVALID_REGION = 0
+"""What :attr:`ParsedCompletion.regions` holds for a ``region`` that is not a positive integer."""
 
 
 @dataclass
@@ -54,6 +59,11 @@ class ParsedCompletion:
     block_spans: dict[str, tuple[int, int]] | None = None
     """``{"think" | "look" | "answer": (start, end)}``: character offsets in ``text`` of each block's content
     (between its tags; an unclosed block ends where the next one opens)."""
+    regions: list[int | None] | None = None
+    """One entry per ``answer`` row: the object's ``"region"`` (the 1-based crop its box is read off, zoom
+    look), None when it has none. A ``region`` that is not a positive integer (0, -1, 2.5, ``"1"``, ``true``)
+    is kept as :data:`INVALID_REGION`, which names no crop: :func:`dip_r1.zoom.resolve_regions` drops such a
+    box as a format error. None when there is no answer block."""
 
 
 def parse_completion(
@@ -90,11 +100,11 @@ def _parse(text: str, max_chars: int, max_boxes: int) -> ParsedCompletion:
     tags = [(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(s)]
     blocks = {tag: _block(s, tag, tags) for tag in _TAGS}
     think = s[blocks["think"][0] : blocks["think"][1]].strip() if blocks["think"] else None
-    look, _, _, look_ok = _boxes(s, blocks["look"], max_boxes)
-    answer, spans, labels, answer_ok = _boxes(s, blocks["answer"], max_boxes)
+    look, _, _, _, look_ok = _boxes(s, blocks["look"], max_boxes)
+    answer, spans, labels, regions, answer_ok = _boxes(s, blocks["answer"], max_boxes)
     well_formed = len(text) <= max_chars and look_ok and answer_ok and _layout_ok(s, tags)
     present = {tag: span for tag, span in blocks.items() if span is not None}
-    return ParsedCompletion(text, think, look, answer, labels, well_formed, spans, present)
+    return ParsedCompletion(text, think, look, answer, labels, well_formed, spans, present, regions)
 
 
 def _block(s: str, tag: str, tags: list[tuple[str, int, int]]) -> tuple[int, int] | None:
@@ -124,26 +134,28 @@ def _layout_ok(s: str, tags: list[tuple[str, int, int]]) -> bool:
 
 def _boxes(
     s: str, span: tuple[int, int] | None, max_boxes: int
-) -> tuple[Tensor | None, list[tuple[int, int]] | None, list[str] | None, bool]:
-    """Boxes, spans, labels of one block and whether it is a valid JSON box list."""
+) -> tuple[Tensor | None, list[tuple[int, int]] | None, list[str] | None, list[int | None] | None, bool]:
+    """Boxes, spans, labels, regions of one block and whether it is a valid JSON box list."""
     if span is None:
-        return None, None, None, False
+        return None, None, None, None, False
     start, end = span
     content = s[start:end]
     items = _json_box_list(content)
     labels = None
     if items is not None:
-        coords, labels = items
+        coords, labels, regions = items
         # In valid JSON the innermost brackets are the boxes, unless a string holds brackets:
         # then the counts differ and the spans cannot be aligned.
         found = islice(_BRACKETS_RE.finditer(content), len(coords) + 1)
         spans = [(start + m.start(), start + m.end()) for m in found]
         spans = spans[:max_boxes] if len(spans) == len(coords) else ([] if not coords else None)
         coords, labels = coords[:max_boxes], labels[:max_boxes] if labels is not None else None
+        regions = regions[:max_boxes]
     else:
         matches = list(islice(_BOX_RE.finditer(content), max_boxes))
         spans = [(start + m.start(), start + m.end()) for m in matches]
         coords = [m.groups() for m in matches]
+        regions = _fallback_regions(content, matches)
     try:
         array = np.array(coords, dtype=np.float64)
     except OverflowError:  # a JSON integer beyond float range: let float() turn it into inf
@@ -155,14 +167,45 @@ def _boxes(
         kept = keep.tolist()
         spans = [sp for sp, k in zip(spans, kept) if k] if spans is not None else None
         labels = [lb for lb, k in zip(labels, kept) if k] if labels is not None else None
-    return values, spans, labels, items is not None
+        regions = [r for r, k in zip(regions, kept) if k]
+    return values, spans, labels, regions, items is not None
 
 
-def _json_box_list(content: str) -> tuple[list[list], list[str] | None] | None:
-    """``(coords, labels)`` when ``content`` is a JSON list of boxes, else None.
+def _region(value: object) -> int:
+    """A ``region`` value as :attr:`ParsedCompletion.regions` keeps it: itself when a positive integer (JSON
+    ``true`` is not one), else :data:`INVALID_REGION`."""
+    return value if type(value) is int and value >= 1 else INVALID_REGION
+
+
+def _fallback_regions(content: str, matches: list[re.Match]) -> list[int | None]:
+    """The ``region`` of each box found by the fallback (a block that is not valid JSON, e.g. cut short): the
+    value of a ``"region"`` key in the same object (from the ``{`` before the box to the ``}`` after it)."""
+    if '"region"' not in content:
+        return [None] * len(matches)
+    out: list[int | None] = []
+    for i, m in enumerate(matches):
+        opened = content.rfind("{", matches[i - 1].end() if i else 0, m.start())
+        if opened < 0:  # a bare [x1, y1, x2, y2]: no object, no region
+            out.append(None)
+            continue
+        stop = matches[i + 1].start() if i + 1 < len(matches) else len(content)
+        closed = content.find("}", m.end(), stop)
+        found = _REGION_RE.search(content, opened, closed if closed >= 0 else stop)
+        if found is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_region(json.loads(found.group(1))))
+        except (ValueError, RecursionError):
+            out.append(INVALID_REGION)
+    return out
+
+
+def _json_box_list(content: str) -> tuple[list[list], list[str] | None, list[int | None]] | None:
+    """``(coords, labels, regions)`` when ``content`` is a JSON list of boxes, else None.
 
     An item is ``[x1, y1, x2, y2]`` or an object with such a ``"bbox_2d"`` (and an optional
-    ``"label"``); numbers are JSON numbers (not strings, not booleans).
+    ``"label"`` and ``"region"``); numbers are JSON numbers (not strings, not booleans).
     """
     try:
         data = json.loads(content)
@@ -177,8 +220,9 @@ def _json_box_list(content: str) -> tuple[list[list], list[str] | None] | None:
     if not set(map(type, chain.from_iterable(coords))) <= {int, float}:
         return None
     if not any(type(item) is dict for item in data):
-        return coords, None
+        return coords, None, [None] * len(coords)
     labels = [item.get("label", "") if type(item) is dict else "" for item in data]
     if not set(map(type, labels)) <= {str}:
         labels = [str(label) for label in labels]
-    return coords, labels
+    regions = [_region(item["region"]) if type(item) is dict and "region" in item else None for item in data]
+    return coords, labels, regions

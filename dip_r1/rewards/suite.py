@@ -79,6 +79,13 @@ class RewardSuite(nn.Module):
         self.total.update(total)
         return {"total": total, **out}
 
+    def set_step(self, step: int) -> None:
+        """Tell every reward the optimiser step it scores at (``GroupReward.set_step``); ``GRPOModule`` calls
+        this with its ``global_step`` before scoring each rollout, so a scheduled setting follows training and
+        an exact resume (which restores ``global_step``) restores it too."""
+        for reward in self.rewards.values():
+            reward.set_step(step)
+
     def weighted_total(self, scores: dict[str, Tensor], without: Collection[str] = ()) -> Tensor:
         """The weighted sum of ``scores`` over the rewards not in ``without``, ``Tensor[B * G]``."""
         terms = (self.weights[name] * scores[name] for name in self.rewards if name not in without)
@@ -104,16 +111,37 @@ class RewardSuite(nn.Module):
             return total
         if block_mask is None:
             raise ValueError("a suite that credits a reward to a block needs block_mask")
-        outside = grpo.group_advantages(
-            self.weighted_total(scores, without=set(self.credit)), group_size, scale
-        )
-        out = outside.to(total)  # [N], then [N, T]
-        for block in dict.fromkeys(self.credit.values()):
-            others = {name for name, b in self.credit.items() if b != block}
-            inside = grpo.group_advantages(self.weighted_total(scores, without=others), group_size, scale)
-            tokens = block_mask(block)
-            out = grpo.block_advantages(out, inside.to(total), tokens.to(total.device))
+        outside, inside = self._credited_totals(scores)
+        out = grpo.group_advantages(outside, group_size, scale).to(total)  # [N], then [N, T]
+        for block, values in inside.items():
+            advantages = grpo.group_advantages(values, group_size, scale)
+            out = grpo.block_advantages(out, advantages.to(total), block_mask(block).to(total.device))
         return out
+
+    def _credited_totals(self, scores: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The partial totals a credited suite takes advantages of: the rewards credited to no block (for the
+        tokens outside every credited block), and per block the rewards not credited elsewhere."""
+        outside = self.weighted_total(scores, without=set(self.credit))
+        inside = {
+            block: self.weighted_total(scores, without={n for n, b in self.credit.items() if b != block})
+            for block in dict.fromkeys(self.credit.values())
+        }
+        return outside, inside
+
+    def flat_groups(self, scores: dict[str, Tensor], group_size: int) -> Tensor:
+        """``Tensor[B]`` bool: groups whose every advantage is 0 (:meth:`advantages`), so that they give the loss
+        nothing but the KL term: the total, and with credit each partial total it takes, is equal over the group.
+
+        >>> suite = RewardSuite({"a": FormatReward()})
+        >>> suite.flat_groups({"total": torch.tensor([1.0, 1.0, 0.0, 1.0]), "a": torch.zeros(4)}, 2).tolist()
+        [True, False]
+        """
+        series = [scores["total"]]
+        if self.credit:
+            outside, inside = self._credited_totals(scores)
+            series += [outside, *inside.values()]
+        flat = [grpo.zero_std_mask(values, group_size).view(-1, group_size)[:, 0] for values in series]
+        return torch.stack(flat).all(dim=0)
 
     def compute(self) -> dict[str, Tensor]:
         """Mean of each reward since the last reset, and the mean of the totals as ``"total"``."""

@@ -118,7 +118,7 @@ def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, f
         TokenIds.of(model, processor),
     )
     for batch in loader:
-        predictions = predict(model, processor.tokenizer, batch, sampling, tokens)
+        predictions = predict(model, processor, batch, sampling, tokens)
         for p in predictions:
             p.target = {**p.target, "dataset": "held_out"}  # one row, whatever the loader's sources are named
         evaluator.update(predictions)

@@ -78,11 +78,21 @@ class TinyPretrain:
     """Also evaluate on the held-out sets every this many steps (0: only at the end)."""
     eval_images: int = 64
     """Images in each held-out set."""
+    home: str | None = "data/tiny-qwen3_vl-seeing"
+    """The one folder a ``warm_start`` builds in unasked (the committed base's, relative to the working
+    folder); a ``policy.path`` elsewhere that holds no model stops the run instead of starting a build."""
+    force: bool = False
+    """As a ``warm_start``: build at any missing ``policy.path`` (``--model.init_args.warm_start.init_args.force
+    true``)."""
 
     def build(self, path: str | Path) -> Path:
         """Write the checkpoint, ``scores.json`` and ``README.md`` to ``path``; return it."""
         pretrain(path, self)
         return Path(path)
+
+
+_WARM_START_FIELDS = ("home", "force")
+"""Fields of :class:`TinyPretrain` about where a warm start may build, not about the model: not recorded."""
 
 
 def _lr_scale(step: int, total: int, warmup: int) -> float:
@@ -210,7 +220,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
         "steps": step,
         "seconds": elapsed(),
         "sha256": sha256(tmp / "model.safetensors"),
-        "config": asdict(c),
+        "config": {k: v for k, v in asdict(c).items() if k not in _WARM_START_FIELDS},
         "held_out": {k: asdict(s) for k, s in held_out_sets(c.eval_images).items()},
         "history": history,
     }

@@ -26,6 +26,8 @@ class TinySFT:
         lr: float = 3e-3,
         data: SyntheticCrowd | None = None,
         seed: int = 0,
+        home: str | None = None,
+        force: bool = False,
     ) -> None:
         """
         Args:
@@ -36,7 +38,10 @@ class TinySFT:
             lr: AdamW learning rate of the SFT run.
             data: the synthetic set to learn from (default: ``SyntheticCrowd()``).
             seed: seed of the weights and of the SFT run.
+            home: the one folder it builds in unasked as a ``warm_start`` (``dip_r1.models.prepare_model_path``).
+            force: as a ``warm_start``, build at any missing ``policy.path``.
         """
+        self.home, self.force = home, force
         self.family, self.size, self.steps, self.batch_size, self.lr, self.seed = (
             family,
             size,

@@ -3,7 +3,7 @@
 Readers mix in :class:`SourceMixin`: it owns the ``name``, ``strict`` and ``skipped`` attributes and
 the one place that decides what happens to a malformed record, an empty box or an unknown label:
 skipped, counted in ``skipped`` and reported with :func:`warnings.warn`; with ``strict=True``, a
-:class:`ValueError` naming the file and line instead. Training never stops on lenient bad input.
+:class:`~dip_r1.preflight.InputError` (a ``ValueError``) naming the file and line instead. Training never stops on lenient bad input.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dip_r1.boxes import clip_boxes, empty_boxes, valid_boxes, xywh_to_xyxy
 from dip_r1.data.sample import DetectionSample
+from dip_r1.preflight import InputError
 
 
 class BadInput(ValueError):
@@ -44,7 +45,7 @@ def where(path: str | Path, line: int | str) -> str:
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, stripped_line)`` for the non-blank lines of a text file, lazily."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte order mark is no part of the data
         for number, line in enumerate(handle, start=1):
             line = line.strip()
             if line:
@@ -129,7 +130,7 @@ class SourceMixin:
         """Count and warn about one skipped item, or raise when strict."""
         message = f"{self.name}: {location}: {reason}"
         if self.strict:
-            raise ValueError(message)
+            raise InputError(f"{self.name} annotation", location, reason, "fix it, or set strict false to skip and count it")
         self.skipped[kind] += 1
         count = self.skipped[kind]
         if count < self.max_warnings:

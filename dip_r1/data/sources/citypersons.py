@@ -83,7 +83,7 @@ class CityPersons(SourceMixin):
     def _iter_json(self, folder: Path) -> Iterator[DetectionSample]:
         for path in sorted(folder.glob("*/*_gtBboxCityPersons.json")):
             try:
-                with open(path, encoding="utf-8") as handle:
+                with open(path, encoding="utf-8-sig") as handle:  # a byte order mark is no part of the data
                     record = json.load(handle)
             except json.JSONDecodeError as error:
                 self._skip("malformed_record", where(path, error.lineno), f"not valid JSON ({error.msg})")

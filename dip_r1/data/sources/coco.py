@@ -42,7 +42,7 @@ class COCO(SourceMixin):
     def _load(self) -> tuple[list, list, dict[int, str]]:
         path = self.annotation_file
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:  # a byte order mark is no part of the data
                 data = json.load(handle)
             images, annotations = data["images"], data.get("annotations", [])
             names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
