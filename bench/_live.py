@@ -30,7 +30,12 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
     any), convolution and recurrent states of linear-attention layers."""
     out = []
     for layer in getattr(cache, "layers", []) or []:
-        out += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+        for value in vars(layer).values():  # linear-attention layers keep their states in dicts
+            out += [
+                v
+                for v in (value.values() if isinstance(value, dict) else [value])
+                if isinstance(v, torch.Tensor)
+            ]
     return out
 
 

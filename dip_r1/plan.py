@@ -250,14 +250,25 @@ class Plan:
         }
 
 
-def _layer_activation_bytes(s: Shape, tokens: int, act: int, lora: bool) -> float:
-    """Bytes one decoder layer keeps for its backward over ``tokens`` tokens (frozen base, LoRA adapters)."""
+def _layer_activation_bytes(s: Shape, tokens: int, act: int, lora: bool, linear: bool = False) -> float:
+    """Bytes one decoder layer keeps for its backward over ``tokens`` tokens (frozen base, LoRA adapters);
+    ``linear``: a Gated-DeltaNet layer (Qwen3.5) instead of full attention."""
     h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
-    # norms (float32 input and output), q / k / v and their rotated copies, attention output, the MLP's gate,
-    # up, activation and product
-    per_token = 4 * h * 4 + act * (2 * (q + kv) + kv + 2 * q + 4 * i)
+    # norms (float32 input and output), the MLP's gate, up, activation and product
+    per_token = 4 * h * 4 + act * 4 * i
+    if linear:
+        qkv = 2 * s.linear_key_heads * s.linear_key_dim + s.linear_value_heads * s.linear_value_dim
+        vd = s.linear_value_heads * s.linear_value_dim
+        # transformers' PyTorch chunked delta rule (no flash-linear-attention) keeps about ten float32 copies of
+        # q / k / v (l2-normalised, scaled, chunked): measured on Qwen3.5-2B's backward, BENCHMARKS.md
+        per_token += 10 * 4 * qkv + act * (2 * qkv + 2 * vd)
+        adapted = 6 * h + vd + i  # in_proj_qkv / z / b / a, gate, up; out_proj; down
+    else:
+        # q / k / v and their rotated copies, attention output
+        per_token += act * (2 * (q + kv) + kv + 2 * q)
+        adapted = 5 * h + q + i  # q, k, v, gate, up; o; down
     if lora:  # dropout keeps each adapted layer's input (and its mask)
-        per_token += (act + 1) * (5 * h + q + i)
+        per_token += (act + 1) * adapted
     return tokens * per_token
 
 
@@ -318,14 +329,16 @@ def estimate(shape: Shape, settings: StepSettings) -> Plan:
     groups = -(-m // st.group_size)
     tokens = m * (p + t) if per_row else groups * p + m * t  # the shared prefix runs each prompt once
     layer = _layer_activation_bytes(s, tokens, act, bool(st.lora_r))
+    linear_layer = _layer_activation_bytes(s, tokens, act, bool(st.lora_r), linear=True)
     rows = max(1, _CHUNK_ELEMENTS // max(1, t * s.vocab))
     logits = m * (t + 1) * s.vocab * act
     chunk = 2 * logits + min(rows, m) * t * s.vocab * 4  # the logits, their gradient, one float32 chunk
     edges = tokens * s.hidden * act * 2  # the embeddings' output and the last hidden state
     # The backward starts at the log-probs (logits, their gradient, a chunk), then recomputes the layers one by
     # one: with checkpointing the peak is the layers' inputs and the larger of the two.
-    full = s.layers * layer + edges + chunk
-    checkpointed = s.layers * tokens * s.hidden * act + edges + max(layer, chunk)
+    full = full_layers * layer + s.linear_layers * linear_layer + edges + chunk
+    largest = max(layer if full_layers else 0, linear_layer if s.linear_layers else 0)
+    checkpointed = s.layers * tokens * s.hidden * act + edges + max(largest, chunk)
     notes["activations"] = (
         f"micro-batch of {m}: {tokens} tokens through {s.layers} layers, log-probs included"
     )
