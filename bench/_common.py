@@ -164,3 +164,22 @@ def build_shape(shape: str, out: str | Path | None = None, dtype: str = "bfloat1
     (out / "processor_config.json").write_text('{"processor_class": "Qwen2_5_VLProcessor"}')
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+def crowd_batch(module, prompts: int, width: int, height: int, max_pixels: int | None, seed: int = 0) -> dict:
+    """A collated batch of ``prompts`` synthetic crowd images at ``width`` x ``height`` (the quickstart's data),
+    with the tiny bases' system prompt and the targets, and the sources when ``module`` zooms."""
+
+    from dip_r1.data import DetectionDataModule
+    from dip_r1.data.prompts import DetectionPromptBuilder
+    from dip_r1.data.sources import SyntheticCrowd
+    from dip_r1.pretrain import TINY_SYSTEM_PROMPT
+
+    root = Path(tempfile.mkdtemp()) / "crowd"
+    source = SyntheticCrowd(
+        str(root), n=prompts, seed=seed + 11, width=width, height=height, min_people=1, max_people=3
+    )
+    builder = DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT, max_pixels=max_pixels)
+    data = DetectionDataModule(val=[source], prompt_builder=builder, batch_size=prompts, num_workers=0)
+    data.connect(module.processor, **module.data_spec())
+    return data.on_before_batch_transfer(next(iter(data.val_dataloader())), 0)

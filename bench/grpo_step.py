@@ -12,7 +12,8 @@ step. The first ``--warmup`` steps are run but not counted. Keys:
   ``rollout_tokens_per_s`` per second of rollout.
 - ``vision_calls_per_step``: images through the vision encoder per step, everything included (rollout
   and scoring); it equals the number of prompts B when the encoder runs once per prompt and its output is
-  reused by the scoring passes, B x G if the rollout repeated each prompt G times.
+  reused by the scoring passes, B x G if the rollout repeated each prompt G times; with ``--look-mode zoom``,
+  B + ``crops_per_step`` when each crop is encoded once.
   ``vision_calls_rollout_per_step`` / ``vision_calls_scoring_per_step`` split it;
   ``vision_forward_calls_per_step`` counts batched encoder forwards (one forward encodes many images).
 - ``bare_decode_s``: the model alone decoding the rollout's tokens: ``T - 1`` forwards of one token for the
@@ -93,6 +94,7 @@ class Probe:
             "forwards": self.forwards,
             "rollouts": self.rollouts,
             "rollout_s": self.module.step_timings.get("rollout_s", 0.0),
+            "crops": int(rollout.crops_per_completion.sum()) if rollout is not None else 0,
             "tokens": int(rollout.mask.sum()) if rollout is not None else 0,
         }
         self.images, self.forwards, self.rollouts = {"rollout": 0, "scoring": 0}, 0, 0
@@ -142,6 +144,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--flat-share", type=float, help="rigged reward: this share of each batch's groups score alike"
     )
     p.add_argument("--image-size", type=int, default=448, help="side of the square synthetic images")
+    p.add_argument("--look-mode", choices=["text", "zoom"], default="text", help="SamplingConfig.look_mode")
+    p.add_argument(
+        "--crowd",
+        nargs=2,
+        type=int,
+        metavar=("W", "H"),
+        help="prompts from the synthetic crowd generator at W x H (the quickstart's data; needed to zoom), "
+        "with the tiny bases' system prompt; else plain square images",
+    )
+    p.add_argument("--max-pixels", type=int, help="--crowd: the prompt builder's pixel budget")
+    p.add_argument("--train-vision", action="store_true", help="the vision tower trains (the quickstart's)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="completions per scoring forward")
     p.add_argument(
         "--no-share-prompt-prefix",
@@ -172,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model DIR or --shape NAME")
     if args.quantization and not args.lora_r:
         p.error("--quantization trains through adapters: give --lora-r too")
+    if args.look_mode == "zoom" and not args.crowd:
+        p.error("--look-mode zoom needs source images with people: give --crowd W H")
     return args
 
 
@@ -189,12 +204,15 @@ def build_module(args):
         lora=lora,
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
+        freeze_vision=not args.train_vision,
     )
     return GRPOModule(
         policy,
         group_size=args.group,
         sampling=SamplingConfig(
-            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens if args.fixed_length else 0
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens if args.fixed_length else 0,
+            look_mode=args.look_mode,
         ),
         loss=LossConfig(
             beta=args.beta,
@@ -232,11 +250,14 @@ def _run(args) -> dict:
     loaded_rss = _common.rss_mb()
     probe = Probe(module)
     size = args.image_size
-    empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
-    batch = {
-        "inputs": _common.prompt_inputs(module.processor, args.prompts, size, args.short_prompt),
-        "targets": [empty] * args.prompts,
-    }
+    if args.crowd:
+        batch = _common.crowd_batch(module, args.prompts, *args.crowd, args.max_pixels, seed=args.seed)
+    else:
+        empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "image_size": (size, size)}
+        batch = {
+            "inputs": _common.prompt_inputs(module.processor, args.prompts, size, args.short_prompt),
+            "targets": [empty] * args.prompts,
+        }
     steps: list[dict] = []
     peaks: list[float] = []  # before the timed steps (model loading, warm-up)
 
@@ -288,6 +309,7 @@ def _run(args) -> dict:
         "rollout_tokens_per_s": round(med["tokens"] / med["rollout_s"], 2),
         **bound,
         "tokens_per_step": med["tokens"],
+        "crops_per_step": med["crops"],
         "train_peak_rss_mb": round(_common.peak_rss_mb(), 1),
         "rss_after_import_mb": round(START_RSS, 1),
         "rss_after_load_mb": round(loaded_rss, 1),

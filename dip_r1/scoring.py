@@ -154,7 +154,8 @@ def shared_prefix_logprobs(
         extra.update(zoom.vision.select([images[0] for images in zoom.row_images[::group_size]]))
     elif image_features is not None:
         extra["mm_encoder_outputs"] = select_image_features(image_features, prompts)
-    out = model(**prompt, **extra, use_cache=True, logits_to_keep=1)  # once per prompt
+    prompt_only = {k: v for k, v in prompt.items() if k not in extra}  # the bank's images replace the batch's
+    out = model(**prompt_only, **extra, use_cache=True, logits_to_keep=1)  # once per prompt
     cache = out.past_key_values
     repeat_cache(cache, group_size)  # out of place (repeat_interleave): differentiable
     first = out.logits[:, -1:].repeat_interleave(group_size, dim=0)  # [n, 1, V]

@@ -16,11 +16,14 @@ def _coordinates(path: str) -> str:
     return PolicySpec(path).data_spec(None)["coordinates"]
 
 
-@pytest.mark.parametrize("adapters", ["lora", "qlora"])
+@pytest.mark.parametrize("adapters", ["lora", "qlora", "full, vision trains"])
 def test_scoring_equals_the_rollout_in_every_family(tiny_model, adapters, monkeypatch):
     torch.manual_seed(0)
-    quantization = "4bit" if adapters == "qlora" else None
-    model, processor = load_policy(tiny_model, lora=LoraSpec(r=4, dropout=0.0), quantization=quantization)
+    if adapters == "full, vision trains":  # the encoder's output cannot be reused: images go in every pass
+        model, processor = load_policy(tiny_model, freeze_vision=False)
+    else:
+        quantization = "4bit" if adapters == "qlora" else None
+        model, processor = load_policy(tiny_model, lora=LoraSpec(r=4, dropout=0.0), quantization=quantization)
     model.eval()
     rollout, inputs, _ = zoom_rollout(model, processor, _coordinates(tiny_model), monkeypatch, do_sample=True)
     crops = rollout.crops_per_completion.tolist()
