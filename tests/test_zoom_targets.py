@@ -5,8 +5,10 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dip_r1.data.prompts import to_model_coords
+from dip_r1.data.prompts import smart_resize, to_model_coords
 from dip_r1.rewards import parse_completion
 from dip_r1.zoom import crop_regions, resolve_regions, zoom_target
 from dip_r1.zoom.targets import dense_regions
@@ -131,3 +133,25 @@ def test_the_margin_is_drawn_from_rng_and_repeats_with_its_seed():
         and x1 == pytest.approx(100 - margin * 68)
         and y2 == pytest.approx(144 + margin * 44)
     )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.sampled_from(["absolute", "relative-1000"]),
+    st.tuples(st.integers(16, 3000), st.integers(16, 3000)),
+    st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.002, 0.3), st.floats(0.002, 0.3)), max_size=12
+    ),
+    st.integers(0, 3),
+)
+def test_any_scene_gives_a_well_formed_target_whose_regions_name_its_crops(coordinates, size, people, seed):
+    w, h = size
+    rows = [[x * w, y * h, min(w, (x + dw) * w), min(h, (y + dh) * h)] for x, y, dw, dh in people]
+    rows = [r for r in rows if r[2] - r[0] >= 1 and r[3] - r[1] >= 1]
+    resized = smart_resize(h, w, 32, 1024, 160 * 120)[::-1]
+    target = make_target(torch.tensor(rows).reshape(-1, 4), coordinates, orig=size, resized=resized)
+    t = zoom_target(target, rng=random.Random(seed), **BUDGET)
+    parsed = parse_completion(t.text)
+    assert parsed.well_formed and len(t.crops) <= 2
+    resolved = resolve_regions(parsed, t.crops)
+    assert resolved.well_formed and torch.isfinite(resolved.answer).all()

@@ -74,7 +74,9 @@ def zoom_target(
     Looks follow the module's rule; the answer lists the people of crop 1, then of crop 2, ..., then the
     others, each group in target order.
     """
-    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    boxes = (
+        torch.as_tensor(target["boxes"]).detach().cpu().float().reshape(-1, 4)
+    )  # a batch's may be on the GPU
     labels = list(target.get("labels") or ["object"] * len(boxes))
     name = category or (max(set(labels), key=labels.count) if labels else "object")
     sizes = (target["orig_size"], target["resized_size"], target["coordinates"])
