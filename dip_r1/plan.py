@@ -234,8 +234,7 @@ class Plan:
     @property
     def loss_peak(self) -> float:
         c = self.components
-        used = c["activations_checkpointed" if self.settings.gradient_checkpointing else "activations"]
-        return used + c["logprob_chunk"]
+        return c["activations_checkpointed" if self.settings.gradient_checkpointing else "activations"]
 
     @property
     def total(self) -> float:
@@ -300,35 +299,39 @@ def estimate(shape: Shape, settings: StepSettings) -> Plan:
     n, p, t = st.prompts * st.group_size, st.prompt_len, st.max_new_tokens
     full_layers = s.layers - s.linear_layers
     kv = 2 * full_layers * n * s.kv_heads * (p + t) * s.head_dim * act
-    kv += 2 * full_layers * st.prompts * s.kv_heads * p * s.head_dim * act  # the prefill's, while copied
     kd, vd = s.linear_key_heads * s.linear_key_dim, s.linear_value_heads * s.linear_value_dim
-    kv += (
-        s.linear_layers
-        * n
-        * (
-            (2 * kd + vd) * s.conv_kernel * act
-            + s.linear_value_heads * s.linear_key_dim * s.linear_value_dim * 4
-        )
-    )
+    conv = (2 * kd + vd) * s.conv_kernel * act
+    kv += s.linear_layers * n * (conv + s.linear_value_heads * s.linear_key_dim * s.linear_value_dim * 4)
     notes["kv_cache"] = f"{n} rollouts x {p + t} positions"
+    # One at a time: the vision tower (no gradients), a prefill layer, then the prompts' own cache while it is
+    # copied into the rollout's, with the sampling's float32 logits.
     patches = st.image_tokens * s.merge**2
     vision = st.prompts * patches * (4 * s.vision_width + 2 * s.vision_intermediate) * act
     prefill = st.prompts * p * (3 * s.hidden + 3 * s.intermediate) * act
+    prefill_cache = 2 * full_layers * st.prompts * s.kv_heads * p * s.head_dim * act
     decode = n * s.vocab * 4 * 3  # the step's logits in float32, the sampling's copies
-    rollout = max(vision, prefill) + decode
+    rollout = max(vision, prefill, prefill_cache + decode)
+    notes["rollout_transient"] = "the largest of the vision tower, a prefill layer, the prompts' cache copy"
 
     m = min(st.micro_batch_size, n)
     per_row = st.gradient_checkpointing or not st.share_prompt_prefix or st.group_size < 2
     groups = -(-m // st.group_size)
     tokens = m * (p + t) if per_row else groups * p + m * t  # the shared prefix runs each prompt once
     layer = _layer_activation_bytes(s, tokens, act, bool(st.lora_r))
-    full = s.layers * layer + tokens * s.hidden * act * 2
-    checkpointed = s.layers * tokens * s.hidden * act + layer + tokens * s.hidden * act * 2
     rows = max(1, _CHUNK_ELEMENTS // max(1, t * s.vocab))
     logits = m * (t + 1) * s.vocab * act
-    chunk = 2 * logits + 2 * min(rows, m) * t * s.vocab * 4  # logits, their gradient, two float32 chunks
-    notes["activations"] = f"micro-batch of {m}: {tokens} tokens through {s.layers} layers"
-    notes["logprob_chunk"] = f"[{m}, {t + 1}, {s.vocab}] logits and their gradient, float32 chunks"
+    chunk = 2 * logits + min(rows, m) * t * s.vocab * 4  # the logits, their gradient, one float32 chunk
+    edges = tokens * s.hidden * act * 2  # the embeddings' output and the last hidden state
+    # The backward starts at the log-probs (logits, their gradient, a chunk), then recomputes the layers one by
+    # one: with checkpointing the peak is the layers' inputs and the larger of the two.
+    full = s.layers * layer + edges + chunk
+    checkpointed = s.layers * tokens * s.hidden * act + edges + max(layer, chunk)
+    notes["activations"] = (
+        f"micro-batch of {m}: {tokens} tokens through {s.layers} layers, log-probs included"
+    )
+    notes["logprob_chunk"] = (
+        f"[{m}, {t + 1}, {s.vocab}] logits, their gradient, a float32 chunk (in activations)"
+    )
     components = {
         "base_weights": weights,
         "adapters": adapters,

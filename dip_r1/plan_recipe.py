@@ -184,13 +184,13 @@ def report(plan: Plan, budget: float, title: str, shape: Shape) -> str:
         f"+ {st.max_new_tokens} new tokens ({st.image_tokens} image tokens), micro-batch {st.micro_batch_size}, "
         f"{st.quantization or st.dtype} base, {f'LoRA r {st.lora_r}' if st.lora_r else 'full fine-tuning'}, "
         f"{st.precision}",
-        f"{'component':<36}{'GiB':>8}  note",
+        f"{'component':<40}{'GiB':>8}  note",
     ]
     for key, label in _ROWS:
         mark = " (unused)" if key in ("activations", "activations_checkpointed") and key != used else ""
-        lines.append(f"{label + mark:<36}{plan.components[key] / GIB:>8.2f}  {plan.notes.get(key, '')}")
+        lines.append(f"{label + mark:<40}{plan.components[key] / GIB:>8.2f}  {plan.notes.get(key, '')}")
     lines.append(
-        f"{'peak = persistent + max(rollout, loss)':<36}{plan.total / GIB:>8.2f}  persistent "
+        f"{'peak = persistent + max(rollout, loss)':<40}{plan.total / GIB:>8.2f}  persistent "
         f"{plan.persistent / GIB:.2f}, rollout {plan.rollout_peak / GIB:.2f}, loss {plan.loss_peak / GIB:.2f}"
     )
     spare = budget - plan.total
