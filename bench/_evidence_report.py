@@ -1,4 +1,4 @@
-"""What ``bench/evidence.py`` writes: ``results.json``, ``diagnostics.json``, ``results.md``, ``evidence.png``.
+"""What ``bench/evidence.py`` reports: training diagnostics from the logs, ``results.md`` and ``evidence.png``.
 
 Imported by its bare name. The figure is drawn with PIL only (matplotlib is not a dependency), reusing
 :func:`dip_r1.viz.draw_detections` for the detections.
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _evidence_plan import VALIDATION
+from _evidence_stats import finite
 from PIL import Image, ImageDraw
 
 from dip_r1.evaluation import to_original_pixels
@@ -26,32 +28,12 @@ ARM_COLOURS = {
     "dip_r1": (220, 30, 40),
     "no_look": (30, 150, 60),
     "accuracy_only": (150, 60, 190),
+    "base_zoom": (60, 60, 60),
+    "sft_zoom": (0, 60, 130),
+    "dip_r1_zoom": (240, 120, 0),
+    "no_look_zoom": (20, 100, 40),
 }
 """One colour per arm, in the charts and the tiles' titles (the boxes keep ``dip_r1.viz``'s colours)."""
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: an undefined metric (AP without any ground truth, say) is written as null."""
-    return round(float(value), 5) if value is not None and math.isfinite(value) else None
-
-
-def summary(values: Sequence[float]) -> dict:
-    """``{"mean", "std", "seeds"}``; the sample std (0 for one seed); undefined values are null and left out."""
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    mean = float(np.mean(known)) if known else None
-    std = float(np.std(known, ddof=1)) if len(known) > 1 else (0.0 if known else None)
-    return {"mean": _finite(mean), "std": _finite(std), "seeds": [_finite(v) for v in values]}
-
-
-def results(per_seed: dict, arms: Sequence[str], sets: Sequence[str], metrics: Sequence[str]) -> dict:
-    """``{arm: {set: {metric: summary}}}`` from ``per_seed[arm][seed][set][metric]``."""
-    return {
-        arm: {
-            s: {m: summary([per_seed[arm][k][s][m] for k in sorted(per_seed[arm])]) for m in metrics}
-            for s in sets
-        }
-        for arm in arms
-    }
 
 
 def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -75,7 +57,7 @@ def training_diagnostics(log: dict[str, list[tuple[int, float]]]) -> dict:
 
     def mean(key: str, part: slice = slice(None)) -> float | None:
         values = [v for _, v in log.get(key, [])][part]
-        return _finite(float(np.mean(values))) if values else None
+        return finite(float(np.mean(values))) if values else None
 
     n = max((len(v) for v in log.values()), default=0)
     fifth = max(1, n // 5)
@@ -98,6 +80,9 @@ def training_diagnostics(log: dict[str, list[tuple[int, float]]]) -> dict:
     for key in TRAINING_KEYS:
         if f"train/{key}" in log:
             out[key] = mean(f"train/{key}")
+    validation = log.get(f"val/{VALIDATION}/f1", [])  # GRPO with --grpo-val-every: where F1 stops rising
+    if validation:
+        out["validation_f1"] = {str(step): finite(v) for step, v in validation}  # averaged step by step
     if "train/sft_loss" in log:
         out["sft_loss"] = {
             "first_fifth": mean("train/sft_loss", slice(0, fifth)),
@@ -116,7 +101,7 @@ def mean_of(diagnostics: list[dict]) -> dict:
         elif values and isinstance(values[0], list):  # names: those of every seed
             out[key] = [v for v in values[0] if all(v in other for other in values)]
         else:
-            out[key] = _finite(float(np.mean(values))) if values else None
+            out[key] = finite(float(np.mean(values))) if values else None
     return out
 
 
@@ -126,24 +111,58 @@ def _cell(row: dict) -> str:
     return f"{row['mean']:.3f} ± {row['std']:.3f}"
 
 
-def markdown(
-    table: dict, diagnostics: dict, command: str, sets: Sequence[str], metrics: Sequence[str]
-) -> str:
-    """The results as Markdown: one table per set (mean ± std over seeds), each seed's F1, the diagnostics."""
-    arrow = {m: " ↓" if m in LOWER_IS_BETTER else "" for m in metrics}
-    lines = [f"`{command}`", ""]
+def _table(rows: dict, sets: Sequence[str], keys: Sequence[str]) -> list[str]:
+    arrow = {m: " ↓" if m in LOWER_IS_BETTER else "" for m in keys}
+    lines = []
     for s in sets:
-        lines += [f"### {s}", "", "| arm | " + " | ".join(m + arrow[m] for m in metrics) + " |"]
-        lines.append("|---|" + "---|" * len(metrics))
-        for arm, per_set in table.items():
-            lines.append(f"| {arm} | " + " | ".join(_cell(per_set[s][m]) for m in metrics) + " |")
+        lines += [f"### {s}", "", "| arm | " + " | ".join(m + arrow[m] for m in keys) + " |"]
+        lines.append("|---|" + "---|" * len(keys))
+        for arm, per_set in rows.items():
+            lines.append(f"| {arm} | " + " | ".join(_cell(per_set[s][m]) for m in keys) + " |")
         lines.append("")
-    for name, spec in diagnostics["sets"].items():
+    return lines
+
+
+def markdown(results: dict, diagnostics: dict, sets: Sequence[str], metrics: Sequence[str]) -> str:
+    """The results as Markdown: per set a table (mean ± std over seeds), the comparisons with their intervals,
+    each seed's F1, the sets, the answers, the training and SFT's early stopping."""
+    table = {arm: v for arm, v in results.items() if arm not in ("comparisons", "splits")}
+    lines = [f"`{diagnostics['command']}`", ""]
+    for arm, why in diagnostics.get("skipped_arms", {}).items():
+        lines.append(f"- **{arm} skipped**: {why}")
+    lines += ["", *_table(table, sets, metrics)]
+    lines += [
+        "Differences of F1@0.5 (test images paired by seed and id, seeds pooled; paired bootstrap, 95%):",
+        "",
+        "| comparison | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
+    for key, per_set in results["comparisons"].items():
+        if "skipped" in per_set:
+            lines.append(f"| {key} | " + " | ".join([per_set["skipped"]] * len(sets)) + " |")
+            continue
+        cells = []
+        for s in sets:
+            c = per_set.get(s)
+            cells.append("-" if c is None else f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", "Sets (model size: after the prompt builder's pixel budget):", ""]
+    for name, st in diagnostics["sets"].items():
         lines.append(
-            f"- {name}: {spec['images']} images {spec['width']}x{spec['height']}, {spec['min_people']}-"
-            f"{spec['max_people']} figures ({spec['people_per_image']} annotated per image, {spec['occluded']:.0%} "
-            f"of them occluded, {spec['ignored']:.0%} ignored), background {spec['background']}, seed {spec['seed']}"
+            f"- {name}: {st['images']} images of {st['source_size']} px seen at {st['model_size']}, "
+            f"{st['people_per_image']} people and {st['ignore_per_image']} ignore regions per image"
         )
+    if diagnostics.get("controls"):
+        lines += [
+            "",
+            "Controls (untrained arms):",
+            "",
+            *_table(
+                diagnostics["controls"],
+                list(next(iter(diagnostics["controls"].values()))),
+                ("f1", "format_valid"),
+            ),
+        ]
     lines += [
         "",
         "F1@0.5 of each seed:",
@@ -154,25 +173,23 @@ def markdown(
     for arm, per_set in table.items():
         seeds = [", ".join("-" if v is None else f"{v:.3f}" for v in per_set[s]["f1"]["seeds"]) for s in sets]
         lines.append(f"| {arm} | " + " | ".join(seeds) + " |")
-    stats = diagnostics.get("answers", {})
-    if stats:
-        lines += [
-            "",
-            "Greedy answers: share of answer boxes repeating an earlier one (IoU >= 0.7), look boxes per image:",
-            "",
-            "| arm | " + " | ".join(f"{s} repeated ↓ | {s} look boxes" for s in sets) + " |",
-            "|---|" + "---|" * (2 * len(sets)),
-        ]
-        for arm, per_set in stats.items():
-            cells = [_cell(per_set[s][k]) for s in sets for k in ("duplicate_ratio", "look_boxes")]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Greedy answers: share of answer boxes repeating an earlier one (IoU >= 0.7), look boxes per image:",
+        "",
+        "| arm | " + " | ".join(f"{s} repeated ↓ | {s} look boxes" for s in sets) + " |",
+        "|---|" + "---|" * (2 * len(sets)),
+    ]
+    for arm, per_set in diagnostics["answers"].items():
+        cells = [_cell(per_set[s][k]) for s in sets for k in ("duplicate_ratio", "look_boxes")]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Training (means over steps and seeds; zero-std: share of groups whose G rewards were equal):",
         "",
     ]
     header = ["arm", "train s"] + [f"{r} first→last (zero-std)" for r in REWARDS]
-    header += ["length", "truncated", "KL"]
+    header += ["length", "truncated", "KL", "SFT: best val F1 at step (stopped by)"]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
     for arm, d in diagnostics["arms"].items():
         t = d["training"]
@@ -185,10 +202,16 @@ def markdown(
                 else f"{_num(x['first_fifth'])}→{_num(x['last_fifth'])} ({_num(x['zero_std_ratio'])})"
             )
         cells += [_num(t.get(k)) for k in ("completion_length", "truncated_ratio", "kl")]
+        stops = [e for e in d.get("early_stopping", []) if e]
+        cells.append(
+            ", ".join(f"{_num(e['best'])} at {e['best_step']} ({e['stopped_by']})" for e in stops) or "-"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "The base arm is not trained and decodes greedily: its seeds are one evaluation, repeated.",
+        "The base arms are not trained and decode greedily: their seeds are one evaluation, repeated. SFT stops "
+        "after its patience of validations without a new best, once it has trained as long as the seed's slowest "
+        "GRPO arm; its policy is the best validation checkpoint. Nothing is chosen on a test set.",
         "",
     ]
     return "\n".join(lines)
@@ -257,7 +280,7 @@ def reward_curves(logs: dict[str, list[dict]], size: tuple[int, int]) -> list[Im
             colour = _arm_colour(arm)
             if len(smooth) > 1:
                 draw.line([px(x, y) for x, y in enumerate(smooth)], fill=colour, width=2)
-            draw.text((size[0] - 300 + 100 * i, 4), arm, fill=colour)  # the legend, above the frame
+            draw.text((50, 22 + 12 * i), arm, fill=colour)  # the legend, top left inside the frame
         charts.append(image)
     return charts
 
@@ -266,13 +289,19 @@ def _arm_colour(arm: str) -> tuple[int, int, int]:
     return ARM_COLOURS.get(arm, (0, 0, 0))
 
 
+def _shade(colour: tuple[int, int, int], j: int, n: int) -> tuple[int, int, int]:
+    """The ``j``-th of ``n`` shades of ``colour``, from itself towards white."""
+    f = 0.6 * j / max(n - 1, 1)
+    return tuple(round(c + (255 - c) * f) for c in colour)
+
+
 def f1_bars(table: dict, sets: Sequence[str], size: tuple[int, int]) -> Image.Image:
     """F1@0.5 per arm and set: mean bars with a ±std error bar."""
     arms = list(table)
     rows = [table[arm][s]["f1"] for arm in arms for s in sets]
     image, draw, px = _chart(
         size,
-        "F1@0.5 per arm (left: " + ", right: ".join(sets) + "), ±std",
+        "F1@0.5 per arm, ±std over seeds; bars left to right (darker to lighter): " + ", ".join(sets),
         (0.0, _top([(r["mean"] or 0.0) + (r["std"] or 0.0) for r in rows])),
         len(arms),
         xlabel=False,
@@ -284,10 +313,7 @@ def f1_bars(table: dict, sets: Sequence[str], size: tuple[int, int]) -> Image.Im
             mean, std = row["mean"] or 0.0, row["std"] or 0.0
             x0 = a + 0.1 + j * width
             (x_left, top), (x_right, bottom) = px(x0, mean), px(x0 + width * 0.9, 0.0)
-            colour = _arm_colour(arm)
-            draw.rectangle(
-                [x_left, top, x_right, bottom], fill=colour if j == 0 else tuple(c // 2 + 64 for c in colour)
-            )
+            draw.rectangle([x_left, top, x_right, bottom], fill=_shade(_arm_colour(arm), j, len(sets)))
             cx = (x_left + x_right) / 2
             (_, hi), (_, lo) = px(x0, mean + std), px(x0, max(mean - std, 0.0))
             draw.line([cx, hi, cx, lo], fill=(0, 0, 0), width=2)
@@ -296,12 +322,12 @@ def f1_bars(table: dict, sets: Sequence[str], size: tuple[int, int]) -> Image.Im
     return image
 
 
-def detection_tiles(image_path: Path, predictions: dict, height: int) -> Image.Image:
-    """The same crowded image once per arm with its greedy boxes (green true, red false, yellow missed)."""
-    with Image.open(image_path) as im:
-        original = im.convert("RGB")
+def detection_tiles(image: Image.Image, predictions: dict, height: int) -> Image.Image:
+    """The same crowded image once per arm with its greedy boxes (green true, red false, yellow missed) and
+    its look boxes (the regions a zoom arm is shown cropped)."""
     tiles = []
     for arm, p in predictions.items():
+        original = image.convert("RGB").resize(tuple(p.target.get("orig_size") or image.size))
         gt, ignore = (
             to_original_pixels(p.target["boxes"], p.target),
             to_original_pixels(p.target.get("ignore"), p.target),
@@ -314,7 +340,7 @@ def detection_tiles(image_path: Path, predictions: dict, height: int) -> Image.I
         framed.paste(tile, (0, 16))
         ImageDraw.Draw(framed).text((2, 2), arm, fill=_arm_colour(arm))
         tiles.append(framed)
-    legend = "boxes: green true, red false, yellow missed; dashed: blue look, grey ignore"
+    legend = "boxes: green true, red false, yellow missed; dashed: blue look (zoom: the crops), grey ignore"
     row = Image.new("RGB", (sum(t.width for t in tiles) + _PAD * len(tiles), height + 14), "white")
     x = 0
     for t in tiles:
@@ -324,14 +350,31 @@ def detection_tiles(image_path: Path, predictions: dict, height: int) -> Image.I
     return row
 
 
-def figure(logs: dict, table: dict, sets: Sequence[str], image_path: Path, predictions: dict) -> Image.Image:
-    """Reward curves (top), F1 bars (middle), each arm's boxes on one crowded image (bottom)."""
+def crowded(evaluations: dict, picture_set: str) -> tuple[Image.Image, dict] | None:
+    """The most crowded of the kept images of ``picture_set`` and each arm's prediction on it."""
+    first = next((e for e in evaluations.values() if e["images"]), None)
+    if first is None:
+        return None
+    people = {str(p.target["image_id"]): len(p.target["boxes"]) for p in first["predictions"][picture_set]}
+    image_id = max(first["images"], key=lambda i: people.get(i, 0))
+    predictions = {}
+    for arm, e in evaluations.items():
+        match = [p for p in e["predictions"].get(picture_set, []) if str(p.target["image_id"]) == image_id]
+        if match:
+            predictions[arm] = match[0]
+    return first["images"][image_id], predictions
+
+
+def figure(logs: dict, table: dict, sets: Sequence[str], evaluations: dict, picture_set: str) -> Image.Image:
+    """Reward curves (top), F1 bars (middle), each arm's boxes on one crowded test image (bottom)."""
     chart = ((_W - 4 * _PAD) // 3, 240)
     rows = [reward_curves(logs, chart), [f1_bars(table, sets, (_W - 2 * _PAD, 260))]]
-    tiles = detection_tiles(image_path, predictions, 220)
-    if tiles.width > _W - 2 * _PAD:
-        tiles = tiles.resize((_W - 2 * _PAD, round(tiles.height * (_W - 2 * _PAD) / tiles.width)))
-    rows.append([tiles])
+    picture = crowded(evaluations, picture_set)
+    if picture is not None:
+        tiles = detection_tiles(*picture, 220)
+        if tiles.width > _W - 2 * _PAD:
+            tiles = tiles.resize((_W - 2 * _PAD, round(tiles.height * (_W - 2 * _PAD) / tiles.width)))
+        rows.append([tiles])
     height = sum(max(im.height for im in row) + _PAD for row in rows) + _PAD
     canvas = Image.new("RGB", (_W, height), "white")
     y = _PAD

@@ -1,268 +1,217 @@
-"""The experiment of ``bench/evidence.py``: its data sets, the training of one arm, the evaluation of a policy.
+"""The experiment of ``bench/evidence.py``, one arm at a time: train it, save its policy, evaluate a policy.
 
-Imported by its bare name (the script runs as ``python bench/evidence.py``). Every arm trains through a
-Lightning Trainer in this process, from the same base, on the same stream of training images, for the same
-number of optimiser steps; they differ only in the module (``SFTModule`` or ``GRPOModule``) and, for the GRPO
-arms, in the weights of the rewards.
+Imported by its bare name (the script runs as ``python bench/evidence.py``). Every module, data module and
+trainer is built by the library's own CLI (:class:`dip_r1.cli.DipR1CLI`) from a config file written beside the
+policy (``fit.yaml``, ``validate.yaml``), so what the experiment ran is what ``dip-r1`` runs from those files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
+import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
+import yaml
 
-from dip_r1.config import LossConfig, SamplingConfig
+from dip_r1.cli import DipR1CLI
 from dip_r1.data import DetectionDataModule
-from dip_r1.data.prompts import DetectionPromptBuilder
-from dip_r1.data.sources import SyntheticCrowd
+from dip_r1.evaluation import DetectionEvaluator, Prediction, to_original_pixels
 from dip_r1.export import copy_processor_files
-from dip_r1.models import PolicySpec
-from dip_r1.rewards import FormatReward, LookReward, PrecisionRecallReward, RewardSuite
-from dip_r1.tiny.curriculum import TINY_SYSTEM_PROMPT
+from dip_r1.models import is_peft
+from dip_r1.rewards.functional import match_detections
 
-ARMS = ("base", "sft", "dip_r1", "no_look", "accuracy_only")
-SETS = ("in_domain", "out_of_domain")
-METRICS = ("precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid")
-ANSWER_STATS = ("duplicate_ratio", "look_boxes")
-"""What the answers look like (``dip-r1 validate`` logs them too): the share of answer boxes that repeat an earlier
-one (IoU >= 0.7) and the look boxes per image; in ``diagnostics.json``, not ``results.json``."""
-REWARD_WEIGHTS = {
-    "dip_r1": {"format": 1.0, "look": 1.0, "accuracy": 1.0},
-    "no_look": {"format": 1.0, "look": 0.0, "accuracy": 1.0},
-    "accuracy_only": {"format": 0.0, "look": 0.0, "accuracy": 1.0},
-}
-"""Each GRPO arm's reward weights. A reward of weight 0 is still computed and logged (so every arm's curves and
-zero-std ratios can be compared) but is not in the total the advantages come from: it gives no gradient."""
-
-
-@dataclass(frozen=True)
-class SetSpec:
-    """One synthetic set: the arguments of :class:`~dip_r1.quickstart.SyntheticCrowd`."""
-
-    n: int
-    seed: int
-    width: int = 160
-    height: int = 120
-    min_people: int = 1
-    max_people: int = 8
-    background: str = "plain"
-
-    def source(self, root: Path, name: str) -> SyntheticCrowd:
-        """The set under ``root``, in a folder named by its arguments (a changed flag never reuses a stale set)."""
-        folder = (
-            f"{name}-{self.width}x{self.height}-{self.min_people}-{self.max_people}-{self.background}"
-            f"-n{self.n}-s{self.seed}"
-        )
-        return SyntheticCrowd(
-            root=str(root / folder),
-            n=self.n,
-            seed=self.seed,
-            width=self.width,
-            height=self.height,
-            min_people=self.min_people,
-            max_people=self.max_people,
-            background=self.background,
-            name=name,
-        )
-
-
-def set_stats(source: SyntheticCrowd) -> dict:
-    """How hard a generated set is, from its annotation: people per image, the share of them occluded (under
-    95% visible) and the share ignored (under 10% visible)."""
-    import json
-
-    iter(source)  # generates the set if no arm has read it yet
-    people = []
-    with open(source.root / "annotation.odgt") as f:
-        for line in f:
-            people.append([g for g in json.loads(line)["gtboxes"] if g["tag"] == "person"])
-    every = [g for image in people for g in image]
-    return {
-        "images": len(people),
-        "people_per_image": round(len(every) / max(len(people), 1), 2),
-        "occluded": round(sum(g["extra"]["occ"] for g in every) / max(len(every), 1), 3),
-        "ignored": round(sum(g["extra"]["ignore"] for g in every) / max(len(every), 1), 3),
-    }
-
-
-def data_sets(train_images: int, eval_images: int) -> dict[str, SetSpec]:
-    """The training set and the two held-out sets.
-
-    In domain: the training distribution (160x120, 1-8 people, plain background), other seeds. Out of domain:
-    denser crowds (9-16 people, hence more occlusion), a larger image of another aspect ratio (224x160, more
-    image tokens) and a cluttered background (distractor shapes the training images never hold).
-    """
-    return {
-        "train": SetSpec(train_images, seed=0),
-        "in_domain": SetSpec(eval_images, seed=1001),
-        "out_of_domain": SetSpec(
-            eval_images, seed=2002, width=224, height=160, min_people=9, max_people=16, background="clutter"
-        ),
-    }
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What every arm gets alike, and the GRPO settings."""
-
-    steps: int
-    """Optimiser steps of every trained arm."""
-    batch_size: int
-    """Images per step (SFT: targets; GRPO: prompts, each with ``group_size`` completions)."""
-    group_size: int
-    """GRPO completions per prompt (G)."""
-    max_new_tokens: int
-    """Longest GRPO completion."""
-    temperature: float
-    """GRPO sampling temperature."""
-    beta: float
-    """GRPO KL weight (full fine-tuning: a frozen copy of the base is the reference)."""
-    lr: float
-    """AdamW learning rate of the GRPO arms."""
-    sft_lr: float
-    """AdamW learning rate of the SFT arm."""
-    eval_max_new_tokens: int
-    """Longest greedy answer in evaluation (the densest out-of-domain answers need ~25 tokens a person)."""
-    eval_batch_size: int
-    """Images per evaluation batch."""
-    look_weight: float = 1.0
-    """Weight of the look reward in the ``dip_r1`` arm (the other arms weight it 0)."""
-    iou_weighted: bool = False
-    """The accuracy reward counts a match by its IoU instead of 1 (``PrecisionRecallReward(iou_weighted)``)."""
-    look_credit: bool = True
-    """The look reward's advantage reaches only the tokens of the look block (``RewardSuite(credit)``)."""
-    look_resolve: bool = True
-    """The look reward counts only as much as the answer is right inside the looked regions
-    (``LookReward(resolve)``)."""
-
-
-def prompt_builder() -> DetectionPromptBuilder:
-    """The prompts the tiny bases are trained with (their short system prompt)."""
-    return DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT)
-
-
-def reward_weights(arm: str, look_weight: float = 1.0) -> dict[str, float]:
-    """The arm's reward weights, ``REWARD_WEIGHTS`` with the ``dip_r1`` arm's look weight set."""
-    weights = dict(REWARD_WEIGHTS[arm])
-    if arm == "dip_r1":
-        weights["look"] = look_weight
-    return weights
-
-
-def reward_suite(arm: str, budget: Budget) -> RewardSuite:
-    """The three rewards with the arm's weights."""
-    rewards = {
-        "format": FormatReward(),
-        "look": LookReward(resolve=budget.look_resolve),
-        "accuracy": PrecisionRecallReward(iou_weighted=budget.iou_weighted),
-    }
-    credit = {"look": "look"} if arm == "dip_r1" and budget.look_credit else {}
-    return RewardSuite(rewards, reward_weights(arm, budget.look_weight), credit=credit)
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+"""Trainer settings of every run: this script's stdout is its JSON, progress goes to stderr as JSON lines."""
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
-    """Rich tables and Lightning notices to stderr: this script's stdout is its JSON."""
+def quiet_stdout():
+    """Rich tables and Lightning notices to stderr."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
 
-def _module(arm: str, path: str | Path, budget: Budget, *, evaluation: bool = False):
-    """The arm's LightningModule on the checkpoint at ``path`` (vision tower trainable: the base starts from
-    random weights, so its vision features are as much to learn as the rest)."""
-    from dip_r1.module import GRPOModule
-    from dip_r1.sft import SFTModule
-
-    spec = PolicySpec(str(path), freeze_vision=False)
-    if arm == "sft" and not evaluation:
-        return SFTModule(spec, optimizer=functools.partial(torch.optim.AdamW, lr=budget.sft_lr))
-    g = budget.group_size
-    return GRPOModule(
-        spec,
-        rewards=reward_suite(arm if arm in REWARD_WEIGHTS else "dip_r1", budget),
-        group_size=g,
-        sampling=SamplingConfig(
-            max_new_tokens=budget.eval_max_new_tokens if evaluation else budget.max_new_tokens,
-            temperature=budget.temperature,
-        ),
-        loss=LossConfig(beta=0.0 if evaluation else budget.beta),
-        micro_batch_size=g * max(1, 16 // g),  # whole groups: each prompt is run once, shared by its group
-        optimizer=functools.partial(torch.optim.AdamW, lr=budget.lr, weight_decay=0.0),
-    )
+def write_config(path: Path, config: dict, header: str) -> Path:
+    """Write a ``dip-r1`` config file, ``header`` as its leading comment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
-def train_arm(
-    arm: str, base: Path, train: SyntheticCrowd, budget: Budget, seed: int, out: Path, logs: Path
-) -> dict:
-    """Train one arm from ``base`` and save its policy to ``out`` (weights and processor files, loadable by
-    ``policy.path``); its metrics go to ``logs/metrics.csv``. Returns ``{"seconds"}``."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    start = time.perf_counter()
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(logs, ignore_errors=True)
-    L.seed_everything(seed, verbose=False)
-    if arm == "base":
-        shutil.copytree(base, out)  # the untrained policy, as a folder like the others
-        return {"seconds": round(time.perf_counter() - start, 1)}
-    module = _module(arm, base, budget)
-    # The same seed gives every arm of a seed the same images in the same order.
-    data = DetectionDataModule(
-        train=[train], prompt_builder=prompt_builder(), batch_size=budget.batch_size, seed=seed
-    )
-    data.connect(module.processor, **module.data_spec())
-    trainer = _trainer(
-        max_steps=budget.steps,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        logger=CSVLogger(logs.parent, name=logs.name, version=""),
-    )
-    with _quiet_stdout():
-        trainer.fit(module, data)
-    module.policy.save_pretrained(out)
-    copy_processor_files(base, out)  # not the base's own scores and README
-    return {"seconds": round(time.perf_counter() - start, 1)}
+def build(config: Path, *overrides: str) -> DipR1CLI:
+    """Model, data module (connected to the model's processor) and trainer of a config file, as ``dip-r1``
+    builds them for a subcommand."""
+    with quiet_stdout(), warnings.catch_warnings():
+        # the script's own command line is not the CLI's: Lightning would warn that both are given
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return DipR1CLI(
+            L.LightningModule,
+            DetectionDataModule,
+            subclass_mode_model=True,
+            run=False,
+            save_config_callback=None,
+            args=["--config", str(config), *overrides],
+        )
 
 
-def evaluate(policy: Path, sets: dict[str, SyntheticCrowd], picture: SyntheticCrowd, budget: Budget) -> dict:
-    """Greedy answers of the policy at ``policy`` on each held-out set (``dip-r1 validate``'s code path) and on
-    the first image of ``picture``.
+class BestPolicy(L.Callback):
+    """Early stopping on a validation metric that keeps the best weights: SFT as its users run it.
 
-    Returns ``{"metrics": {set: {metric: value}}, "answers": {set: {stat: value}}, "picture": Prediction}``.
+    After each validation the metric is compared with the best so far; the trainable weights of a new best are
+    copied to the CPU. Training stops once ``patience`` validations in a row brought no new best *and* the
+    training steps (validation excluded) have taken at least ``min_seconds``; :meth:`restore` then puts the
+    best weights back, which are the arm's policy.
     """
-    module = _module("dip_r1", policy, budget, evaluation=True)
-    data = DetectionDataModule(
-        val=list(sets.values()), prompt_builder=prompt_builder(), batch_size=budget.eval_batch_size
-    )
-    data.connect(module.processor, **module.data_spec())
-    with _quiet_stdout():
-        (logged,) = _trainer(logger=False).validate(module, data, verbose=False)
-    metrics, answers = (
-        {name: {m: float(logged.get(f"val/{name}/{m}", float("nan"))) for m in keys} for name in sets}
-        for keys in (METRICS, ANSWER_STATS)
-    )
-    one = DetectionDataModule(predict=[picture], prompt_builder=prompt_builder(), batch_size=1)
-    one.connect(module.processor, **module.data_spec())
-    with _quiet_stdout():
-        ((prediction, *_),) = _trainer(logger=False, limit_predict_batches=1).predict(module, one)
-    return {"metrics": metrics, "answers": answers, "picture": prediction}
+
+    def __init__(self, monitor: str, patience: int, min_seconds: float = 0.0) -> None:
+        self.monitor, self.patience, self.min_seconds = monitor, patience, min_seconds
+        self.best, self.best_step, self.wait = -math.inf, 0, 0
+        self.train_seconds, self.history = 0.0, []
+        self.stopped_by = "max_steps"
+        self._state: dict | None = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_seconds += time.perf_counter() - self._start
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        self.history.append({"step": trainer.global_step, self.monitor: round(value, 5)})
+        if value > self.best:
+            self.best, self.best_step, self.wait = value, trainer.global_step, 0
+            trainable = (p for p in pl_module.policy.named_parameters() if p[1].requires_grad)
+            self._state = {name: p.detach().to("cpu", copy=True) for name, p in trainable}
+        else:
+            self.wait += 1
+        if self.wait >= self.patience and self.train_seconds >= self.min_seconds:
+            self.stopped_by = "patience"
+            trainer.should_stop = True
+
+    def restore(self, policy) -> None:
+        """Load the best weights into ``policy`` (nothing when no validation ran)."""
+        if self._state is None:
+            return
+        params = dict(policy.named_parameters())
+        for name, value in self._state.items():
+            params[name].data.copy_(value)
+
+    def record(self) -> dict:
+        return {
+            "monitor": self.monitor,
+            "patience": self.patience,
+            "min_seconds": round(self.min_seconds, 1),
+            "train_seconds": round(self.train_seconds, 1),
+            "best": None if self._state is None else round(self.best, 5),
+            "best_step": self.best_step,
+            "stopped_by": self.stopped_by,
+            "history": self.history,
+        }
+
+
+def save_policy(policy, base: str | Path, out: Path) -> None:
+    """The trained policy as a transformers folder ``policy.path`` loads: LoRA adapters merged into the base
+    weights, the base's processor files beside them."""
+    if is_peft(policy):
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(out)
+    copy_processor_files(base, out)
+
+
+def link_base(base: Path, out: Path) -> None:
+    """The untrained arm's folder: the base's files, linked (a folder like the others, no copy of the weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(base).resolve().iterdir()):
+        if f.is_file() and f.name not in ("validate.yaml", "fit.yaml"):
+            (out / f.name).symlink_to(f)
+
+
+def train(config: Path, base: str | Path, out: Path, stopper: BestPolicy | None = None) -> dict:
+    """Train from ``config`` (a ``dip-r1 fit`` file) and save the policy to ``out``; returns ``{"seconds"}``
+    (wall time of building, training and saving) and the stopper's record when there is one."""
+    start = time.perf_counter()
+    cli = build(config)
+    if stopper is not None:
+        cli.trainer.callbacks.append(stopper)
+    with quiet_stdout():
+        cli.trainer.fit(cli.model, cli.datamodule)
+    if stopper is not None:
+        stopper.restore(cli.model.policy)
+    save_policy(cli.model.policy, base, out)
+    record = {"seconds": round(time.perf_counter() - start, 1)}
+    if stopper is not None:
+        record["early_stopping"] = stopper.record()
+    return record
+
+
+def image_counts(p: Prediction) -> tuple[int, int, int]:
+    """``(true positives, counted predictions, ground truth)`` of one answer at IoU 0.5, counted as
+    :class:`~dip_r1.metrics.DetectionMetrics` counts them (ignore regions excused)."""
+    gt = to_original_pixels(p.target["boxes"], p.target)
+    m = match_detections(p.boxes, gt, to_original_pixels(p.target.get("ignore"), p.target), iou_threshold=0.5)
+    return len(m.pred_index), int(m.num_pred), len(gt)
+
+
+class _Pictures(L.Callback):
+    """Keeps the first ``keep`` (resized) images of one set as they were prompted, for the figure."""
+
+    def __init__(self, name: str | None, keep: int) -> None:
+        self.name, self.keep, self.images = name, keep, {}
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for p, image in zip(outputs, batch.get("images") or []):
+            if p.target.get("dataset") == self.name and len(self.images) < self.keep:
+                self.images[str(p.target.get("image_id"))] = image
+
+
+def evaluate(config: Path, sources: list[dict], picture_set: str | None = None, keep: int = 8) -> dict:
+    """Greedy answers of the policy of a ``validate.yaml`` on ``sources`` (``--data.predict``), scored by the
+    evaluator ``dip-r1 validate`` uses.
+
+    Returns ``{"metrics": {set: {metric: value}}, "counts": {set: {image_id: [tp, pred, gt]}},
+    "predictions": {set: [Prediction]}, "images": {image_id: image}, "seconds"}``; a set is a source's
+    ``name``; ``images`` are the first ``keep`` of ``picture_set``, as the model saw them.
+    """
+    start = time.perf_counter()
+    cli = build(config, "--data.predict", json.dumps(sources))
+    pictures = _Pictures(picture_set, keep)
+    cli.trainer.callbacks.append(pictures)
+    with quiet_stdout():
+        batches = cli.trainer.predict(cli.model, cli.datamodule)
+    evaluator, counts, by_set = DetectionEvaluator(), {}, {}
+    for p in (p for batch in batches for p in batch):
+        evaluator.update([p])
+        name = str(p.target.get("dataset"))
+        counts.setdefault(name, {})[str(p.target.get("image_id"))] = list(image_counts(p))
+        by_set.setdefault(name, []).append(p)
+    metrics = evaluator.compute()
+    for name, predictions in by_set.items():  # the crops each answer was shown (0 without the zoom look)
+        metrics[name]["crops"] = sum(len(getattr(p, "crops", [])) for p in predictions) / len(predictions)
+    return {
+        "metrics": metrics,
+        "counts": counts,
+        "predictions": by_set,
+        "images": pictures.images,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def stderr(record: dict) -> None:
+    """One JSON line of progress."""
+    print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)

@@ -235,7 +235,7 @@ def run(args: list[str] | None = None) -> DipR1CLI | None:
     # Subnormal floats appear in small and randomly initialised models; x86 CPUs compute on them up to 10x
     # slower (the quickstart's steps went from 1 s to 20 s). Flushing them to zero changes no result that
     # matters and does nothing on GPUs.
-    flushed_before = _subnormals_flushed()
+    flushed_before = subnormals_flushed()
     torch.set_flush_denormal(True)
     try:
         with preflight.reported("dip-r1", debug):
@@ -253,6 +253,6 @@ def run(args: list[str] | None = None) -> DipR1CLI | None:
     return cli if args is not None else None
 
 
-def _subnormals_flushed() -> bool:
+def subnormals_flushed() -> bool:
     """Whether the CPU currently treats subnormal floats as zero."""
     return bool((torch.tensor([1e-40]) * 1.0 == 0).item())

@@ -477,3 +477,22 @@ def test_image_folder_that_matches_nothing_says_so(tmp_path):
     for pattern in (tmp_path, tmp_path / "missing" / "*.jpg"):
         with pytest.raises(FileNotFoundError, match="no images there"):
             list(ImageFolder(pattern))
+
+
+# --- HoldOut ------------------------------------------------------------------------------------
+def test_hold_out_splits_by_image_id_whatever_the_order():
+    from dip_r1.data.sources import HoldOut
+
+    samples = [DetectionSample(str(i), Path(f"{i}.jpg"), 0, 0) for i in range(200)]
+    held = [s.image_id for s in HoldOut(samples, "held_out", fraction=0.25, name="validation")]
+    rest = [s.image_id for s in HoldOut(samples, "rest", fraction=0.25)]
+    assert sorted(held + rest, key=int) == [str(i) for i in range(200)] and not set(held) & set(rest)
+    assert 30 <= len(held) <= 70  # about a quarter
+    assert [s.image_id for s in HoldOut(samples[::-1], "held_out", fraction=0.25)] == held[::-1]
+    assert [s.image_id for s in HoldOut(samples, "held_out", fraction=0.25, seed=1)] != held
+    assert HoldOut(samples, "held_out", name="validation").name == "validation"
+    reader = CrowdHuman(CH / "annotation.odgt", CH / "Images")
+    assert HoldOut(reader).name == "crowdhuman" and HoldOut(reader).skipped is reader.skipped
+    for bad in ({"part": "test"}, {"fraction": 1.0}, {"fraction": 0.0}):
+        with pytest.raises(ValueError):
+            HoldOut(samples, **bad)

@@ -75,3 +75,91 @@ def test_clutter_background_adds_distractors_not_annotations(tmp_path):
         assert sum(g["tag"] == "person" for g in record["gtboxes"]) <= 4  # distractors are never annotated
     with pytest.raises(ValueError, match="background"):
         generate(tmp_path / "bad", n=1, seed=0, background="stripes")
+
+
+def _persons(odgt) -> list[dict]:
+    return [
+        g
+        for r in map(json.loads, odgt.read_text().splitlines())
+        for g in r["gtboxes"]
+        if g["tag"] == "person"
+    ]
+
+
+def test_scene_style_changes_what_is_in_the_scene_not_the_annotation_rules(tmp_path):
+    from dip_r1.data.synthetic import SceneStyle
+
+    kw = dict(n=6, seed=7, width=160, height=120, min_people=10, max_people=10)
+    plain = generate(tmp_path / "plain", **kw)
+    # The default style is no style: the same bytes.
+    assert generate(tmp_path / "default", **kw, style=SceneStyle()).read_bytes() == plain.read_bytes()
+    grouped = generate(tmp_path / "grouped", **kw, style=SceneStyle(groups=1))
+    small = generate(tmp_path / "small", **kw, style=SceneStyle(figure_scale=0.5))
+    street = generate(
+        tmp_path / "street", **kw, background="street", style=SceneStyle(palette="dusk", poses="varied")
+    )
+    for odgt in (grouped, small, street):
+        for g in _persons(odgt):  # the visible part within the figure, whatever the pose
+            fx, fy, fw, fh = g["fbox"]
+            vx, vy, vw, vh = g["vbox"]
+            assert fx <= vx and fy <= vy and vx + vw <= fx + fw and vy + vh <= fy + fh
+    # Standing in one group hides more of each other than standing anywhere.
+    occluded = {
+        name: sum(g["extra"]["occ"] for g in _persons(o)) / len(_persons(o))
+        for name, o in (("plain", plain), ("grouped", grouped))
+    }
+    assert occluded["grouped"] > occluded["plain"]
+    # Half the scale: figures of about half the height.
+    height = {
+        name: sum(g["fbox"][3] for g in _persons(o)) / len(_persons(o))
+        for name, o in (("plain", plain), ("small", small))
+    }
+    assert 0.4 < height["small"] / height["plain"] < 0.6
+
+    # The dusk palette is darker: mean brightness of the images.
+    def brightness(folder):
+        return sum(
+            float(torch.tensor(list(Image.open(p).convert("L").getdata()), dtype=torch.float32).mean())
+            for p in sorted((folder / "Images").iterdir())
+        )
+
+    assert brightness(tmp_path / "street") < brightness(tmp_path / "plain")
+    for bad in (dict(palette="neon"), dict(poses="dance"), dict(figure_scale=0.0), dict(groups=-1)):
+        with pytest.raises(ValueError):
+            SceneStyle(**bad)
+
+
+def test_command_line_scene_flags(tmp_path, capsys):
+    args = [
+        "--n",
+        "1",
+        "--seed",
+        "3",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--min-people",
+        "4",
+        "--max-people",
+        "6",
+    ]
+    scene = [
+        "--background",
+        "street",
+        "--palette",
+        "pastel",
+        "--poses",
+        "varied",
+        "--figure-scale",
+        "0.8",
+        "--groups",
+        "2",
+    ]
+    main(["--out", str(tmp_path / "a"), *args, *scene])
+    main(["--out", str(tmp_path / "b"), *args])
+    a, b = (tmp_path / x / "Images/synthetic_3_000000.jpg" for x in "ab")
+    assert a.read_bytes() != b.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "c"), *args, "--figure-scale", "3"])
+    assert "figure_scale" in capsys.readouterr().err

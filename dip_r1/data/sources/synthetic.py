@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dip_r1.data.sample import DetectionSample
 from dip_r1.data.sources.crowdhuman import CrowdHuman
-from dip_r1.data.synthetic import generate
+from dip_r1.data.synthetic import SceneStyle, generate
 from dip_r1.files import built_aside
 
 
@@ -25,6 +25,7 @@ class SyntheticCrowd:
         max_people: int = 24,
         name: str = "synthetic",
         background: str = "plain",
+        style: SceneStyle | None = None,
     ) -> None:
         """
         Args:
@@ -36,7 +37,9 @@ class SyntheticCrowd:
             min_people: fewest figures per image.
             max_people: most figures per image.
             name: dataset name in metrics.
-            background: ``"plain"`` or ``"clutter"`` (distractor shapes; see ``dip_r1.data.synthetic``).
+            background: ``"plain"``, ``"clutter"`` (distractor shapes) or ``"street"`` (building fronts); see
+                ``dip_r1.data.synthetic``.
+            style: palette, poses, figure scale and grouping (:class:`~dip_r1.data.synthetic.SceneStyle`).
         """
         self.root = Path(root)
         self.name = name
@@ -48,6 +51,7 @@ class SyntheticCrowd:
             min_people=min_people,
             max_people=max_people,
             background=background,
+            style=style,
         )
 
     def _reader(self) -> CrowdHuman:
