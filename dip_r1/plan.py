@@ -319,6 +319,8 @@ def estimate(shape: Shape, settings: StepSettings) -> Plan:
     patches = st.image_tokens * s.merge**2
     vision = st.prompts * patches * (4 * s.vision_width + 2 * s.vision_intermediate) * act
     prefill = st.prompts * p * (3 * s.hidden + 3 * s.intermediate) * act
+    if s.linear_layers:  # the chunked delta rule's float32 copy of q / k / v (measured on Qwen3.5-2B)
+        prefill += st.prompts * p * 4 * (2 * kd + vd)
     prefill_cache = 2 * full_layers * st.prompts * s.kv_heads * p * s.head_dim * act
     decode = n * s.vocab * 4 * 3  # the step's logits in float32, the sampling's copies
     rollout = max(vision, prefill, prefill_cache + decode)
