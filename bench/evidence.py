@@ -45,7 +45,7 @@ import _evidence_run as run
 import _evidence_stats as stats
 import torch
 
-from dip_r1.cli import subnormals_flushed
+from dip_r1.lightning_cli import subnormals_flushed
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evidence_synthetic.yaml"
 METRICS = ("precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid", "look_boxes", "crops")

@@ -34,7 +34,8 @@ def _record(pl_module: L.LightningModule) -> RolloutRecord | None:
 
 class GroupPictures(Callback):
     """Every N training steps, a picture of one prompt's group: the G answers overlaid, the group-variance
-    heatmap that drives the look reward, each completion's look boxes (:func:`dip_r1.viz.draw_group`).
+    heatmap that drives the look reward, each completion's look boxes (:func:`dip_r1.viz.draw_group`); in zoom
+    mode, each crop a completion was shown as an inset with the boxes read off it.
 
     Logged with ``add_image`` to every TensorBoard logger, and written as PNG files to
     ``<log_dir>/group_pictures/`` of every CSV logger (or to ``out_dir``).
@@ -80,6 +81,9 @@ class GroupPictures(Callback):
             record.targets[b]["image_size"],
             grid=self.grid,
             min_size=self.min_size,
+            crops=record.crops[b * G : (b + 1) * G],
+            source=record.sources[b] if record.sources else None,
+            regions=[c.regions for c in group],
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -231,7 +235,7 @@ class PredictionWriter(BasePredictionWriter):
         return name
 
     def render(self, p: Prediction, image: Image.Image) -> Image.Image:
-        """The picture of one prediction on its (resized) image."""
+        """The picture of one prediction on its (resized) image, with an inset per crop it was shown (zoom)."""
         target, known = p.target, has_ground_truth(p.target)
         return viz.draw_detections(
             image,
@@ -242,4 +246,7 @@ class PredictionWriter(BasePredictionWriter):
             ignore=target.get("ignore") if known else None,
             coord_size=target["image_size"],
             min_size=self.min_size,
+            crops=p.crops,
+            source=p.source,
+            regions=p.parsed.regions,
         )

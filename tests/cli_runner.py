@@ -57,6 +57,7 @@ def _child(request: dict, out: str, err: str) -> None:
 def serve() -> None:
     import dip_r1.cli  # noqa: F401  the imports every command pays, paid once
     import dip_r1.export  # noqa: F401
+    import dip_r1.lightning_cli  # noqa: F401
     import dip_r1.module  # noqa: F401
 
     answers = sys.stdout

@@ -343,7 +343,7 @@ def test_a_missing_base_is_built_by_the_recipes_warm_start(tmp_path):
     }
     warm = {
         "class_path": "dip_r1.quickstart.TinySFT",
-        "init_args": {"steps": 1, "batch_size": 2, "data": crowd},
+        "init_args": {"steps": 1, "batch_size": 2, "data": crowd, "home": str(tmp_path / "base")},
     }
     source = [
         {"class_path": "dip_r1.data.sources.SyntheticCrowd", "init_args": {**crowd, "name": "in_domain"}}

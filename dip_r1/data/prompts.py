@@ -130,25 +130,43 @@ def format_boxes(boxes: Tensor) -> str:
     return json.dumps(torch.round(boxes.reshape(-1, 4)).to(torch.int64).tolist())
 
 
-def format_answer(boxes: Tensor, labels: Sequence[str]) -> str:
-    """Boxes and labels as the ``<answer>`` JSON, coordinates rounded to integers.
+def format_answer(boxes: Tensor, labels: Sequence[str], regions: Sequence[int | None] | None = None) -> str:
+    """Boxes and labels as the ``<answer>`` JSON, coordinates rounded to integers; an object whose ``regions``
+    entry is not None names the crop its box is read off (zoom look), before its box, so that a model writing
+    it left to right chooses the frame before the numbers.
 
     >>> format_answer(torch.tensor([[1.4, 2.6, 10.0, 20.0]]), ["person"])
     '[{"bbox_2d": [1, 3, 10, 20], "label": "person"}]'
+    >>> format_answer(torch.tensor([[1.0, 2, 3, 4], [5.0, 6, 7, 8]]), ["person"] * 2, [2, None])
+    '[{"region": 2, "bbox_2d": [1, 2, 3, 4], "label": "person"}, {"bbox_2d": [5, 6, 7, 8], "label": "person"}]'
     """
     rows = torch.round(boxes.reshape(-1, 4)).to(torch.int64).tolist()
-    return json.dumps([{"bbox_2d": row, "label": label} for row, label in zip(rows, labels, strict=True)])
+    regions = [None] * len(rows) if regions is None else regions
+    return json.dumps(
+        [
+            ({} if region is None else {"region": region}) | {"bbox_2d": row, "label": label}
+            for row, label, region in zip(rows, labels, regions, strict=True)
+        ]
+    )
 
 
-def format_completion(think: str, look: Tensor, boxes: Tensor, labels: Sequence[str]) -> str:
-    """A whole Think-Look-Answer completion: the grammar :func:`dip_r1.rewards.parse_completion` reads.
+def format_completion(
+    think: str,
+    look: Tensor,
+    boxes: Tensor,
+    labels: Sequence[str],
+    regions: Sequence[int | None] | None = None,
+) -> str:
+    """A whole Think-Look-Answer completion: the grammar :func:`dip_r1.rewards.parse_completion` reads
+    (``regions``: :func:`format_answer`'s).
 
     >>> print(format_completion("1 person.", torch.zeros(0, 4), torch.tensor([[1.0, 2, 3, 4]]), ["person"]))
     <think>1 person.</think>
     <look>[]</look>
     <answer>[{"bbox_2d": [1, 2, 3, 4], "label": "person"}]</answer>
     """
-    return f"<think>{think}</think>\n<look>{format_boxes(look)}</look>\n<answer>{format_answer(boxes, labels)}</answer>"
+    answer = format_answer(boxes, labels, regions)
+    return f"<think>{think}</think>\n<look>{format_boxes(look)}</look>\n<answer>{answer}</answer>"
 
 
 @dataclass

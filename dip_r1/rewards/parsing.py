@@ -224,5 +224,7 @@ def _json_box_list(content: str) -> tuple[list[list], list[str] | None, list[int
     labels = [item.get("label", "") if type(item) is dict else "" for item in data]
     if not set(map(type, labels)) <= {str}:
         labels = [str(label) for label in labels]
+    if '"region"' not in content:  # the text look (the common case): no object to search
+        return coords, labels, [None] * len(coords)
     regions = [_region(item["region"]) if type(item) is dict and "region" in item else None for item in data]
     return coords, labels, regions

@@ -8,6 +8,7 @@ patches (:meth:`Zoom.pixels`) and the token ids that stand for them in the seque
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,18 @@ from dip_r1.tokens import TokenIds
 from dip_r1.zoom.geometry import CropGeometry, crop_regions
 
 LOOK_CLOSED = "</look>"
+
+
+_GT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokens_with_gt(tokenizer: Any) -> frozenset[int]:
+    """The ids whose token spells a ``>`` (byte-level BPE and sentencepiece keep ASCII as it is), once per
+    tokenizer."""
+    if tokenizer not in _GT:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        _GT[tokenizer] = frozenset(i for i, t in enumerate(vocab) if t is not None and ">" in t)
+    return _GT[tokenizer]
 
 
 class Zoom:
@@ -53,12 +66,7 @@ class Zoom:
         self.sampling = sampling
         self.tokens = tokens
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
-        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        self._gt = {
-            i
-            for i, t in enumerate(vocab)
-            if t is not None and ">" in self.tokenizer.convert_tokens_to_string([t])
-        }
+        self._gt = _tokens_with_gt(self.tokenizer)
 
     def spells_gt(self, token: int) -> bool:
         """Whether a token's text holds a ``>`` (only then can it close ``</look>``)."""

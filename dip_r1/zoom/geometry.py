@@ -78,6 +78,10 @@ class CropGeometry:
         return ((source - offset) / self._scale()).to(torch.float32)
 
 
+MAX_ASPECT = 100.0
+"""A crop's long side is at most this many times its short one (within the image): Qwen's resize allows 200."""
+
+
 def source_box(look_box: Tensor, target: Mapping[str, Any], min_side: float) -> tuple[float, ...] | None:
     """A look box (image frame) as a crop in source pixels: clipped to the image, grown around its centre to at
     least ``min_side`` pixels a side (within the image); None when it is not finite or has no area once
@@ -88,6 +92,9 @@ def source_box(look_box: Tensor, target: Mapping[str, Any], min_side: float) -> 
     (168.0, 0.0, 200.0, 32.0)
     >>> source_box(torch.tensor([300.0, 10.0, 400.0, 20.0]), t, 32) is None  # off the image
     True
+    >>> tall = {"orig_size": (1000, 10000), "resized_size": (100, 1000), "coordinates": "absolute"}
+    >>> source_box(torch.tensor([0.0, 0.0, 0.1, 1000.0]), tall, 32)  # a sliver: widened to 1:100
+    (0.0, 0.0, 100.0, 10000.0)
     """
     width, height = (float(v) for v in target["orig_size"])
     box = to_image_coords(
@@ -102,6 +109,9 @@ def source_box(look_box: Tensor, target: Mapping[str, Any], min_side: float) -> 
         return None
     x1, x2 = _grow(x1, x2, min_side, width)
     y1, y2 = _grow(y1, y2, min_side, height)
+    # Qwen's resize refuses an aspect ratio above 200; the image itself is within it, so a crop can be too.
+    x1, x2 = _grow(x1, x2, (y2 - y1) / MAX_ASPECT, width)
+    y1, y2 = _grow(y1, y2, (x2 - x1) / MAX_ASPECT, height)
     return (x1, y1, x2, y2)
 
 
@@ -121,6 +131,8 @@ def shown_size(box: tuple[float, ...], factor: int, min_pixels: int, max_pixels:
 
     >>> shown_size((0.0, 0.0, 40.0, 30.0), 32, 1024, 160 * 120)  # 4x larger, then within the budget
     (160, 96)
+    >>> shown_size((0.0, 0.0, 16.0, 310.0), 32, 1024, 160 * 120)  # smart_resize alone gives 32 x 608, over it
+    (32, 576)
     """
     w, h = box[2] - box[0], box[3] - box[1]
     scale = math.sqrt(max_pixels / (w * h))
@@ -131,6 +143,13 @@ def shown_size(box: tuple[float, ...], factor: int, min_pixels: int, max_pixels:
         min_pixels=min_pixels,
         max_pixels=max_pixels,
     )
+    if (
+        rw * rh > max_pixels
+    ):  # smart_resize keeps a thin side at one factor, which can leave it over the budget
+        if rw >= rh:
+            rw = max(factor, max_pixels // rh // factor * factor)
+        else:
+            rh = max(factor, max_pixels // rw // factor * factor)
     return rw, rh
 
 
