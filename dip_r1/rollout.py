@@ -226,7 +226,8 @@ def sample_completions(
         while col < columns:
             active = ~done & ~waiting
             if _all_done(~active):
-                if not (zooming and bool(waiting.any())):
+                # every rank takes the crop step when any rank has a waiting row, or they would part ways
+                if not (zooming and not _all_done(~waiting)):
                     break
                 block = _show_crops(model, zoom, inputs, ids, sampled, waiting, group_size, col, tokens)
                 width = block.ids.shape[1]
