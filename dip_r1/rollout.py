@@ -54,8 +54,8 @@ class Rollout:
     row_images: list[list[int]] | None = None
     """Zoom: each completion's images in ``vision``, in sequence order (its prompt's, then its crops)."""
     logprobs: Tensor | None = None
-    """``Tensor[N, T]``: each sampled token's log-probability when it was sampled (temperature applied, tokens
-    never sampled not removed: what the scoring passes compute), 0 elsewhere."""
+    """With ``keep_logprobs``, ``Tensor[N, T]``: each sampled token's log-probability when it was sampled
+    (temperature applied, tokens never sampled not removed: what the scoring passes compute), 0 elsewhere."""
 
     @property
     def lengths(self) -> Tensor:
@@ -141,6 +141,7 @@ def sample_completions(
     *,
     group_size: int = 1,
     zoom: Zoom | None = None,
+    keep_logprobs: bool = False,
     preallocate: bool = True,
     merge_lora: bool = True,
     compile_decode: bool = False,
@@ -155,7 +156,8 @@ def sample_completions(
     With ``sampling.look_mode == "zoom"`` (``zoom`` then holds the batch's source images), a completion that
     closes ``</look>`` waits; once none is still writing its look, each waiting one is shown its crops
     (:mod:`dip_r1.zoom.insert`: the crops encoded once, their tokens and 3-D positions appended) and goes on
-    to its answer. ``max_new_tokens`` counts sampled tokens only.
+    to its answer. ``max_new_tokens`` counts sampled tokens only. ``keep_logprobs`` keeps each sampled token's
+    log-probability as it was sampled (``Rollout.logprobs``: what the scoring passes must reproduce).
 
     The decoding loop allocates no cache: with ``preallocate`` the KV cache, the attention mask, the positions
     and the tokens are buffers of the rollout's full length, written in place (caches it cannot hold, such as
@@ -257,9 +259,10 @@ def sample_completions(
             biased = logits + torch.where((count < sampling.min_new_tokens)[:, None], early, bias)
             token = _next_tokens(biased, sampling, count).masked_fill_(~active, tokens.pad)
             ids[:, col] = token
-            chosen[:, col] = (
-                torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None]).squeeze(1)
-            )
+            if keep_logprobs:
+                chosen[:, col] = (
+                    torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None]).squeeze(1)
+                )
             sampled[:, col] = active
             attention[:, prompt_len + col] = active
             place[..., col] = next_pos
@@ -289,7 +292,8 @@ def sample_completions(
     rollout = Rollout(
         index, ids[:, :keep].masked_fill(~mask, tokens.pad), mask, ~hit_eos, image_features=features
     )
-    rollout.logprobs = chosen[:, :keep].masked_fill(~mask, 0.0)
+    if keep_logprobs:
+        rollout.logprobs = chosen[:, :keep].masked_fill(~mask, 0.0)
     if zooming:
         completion_attention = attention[:, prompt_len : prompt_len + keep].bool()
         rollout = _with_crops(

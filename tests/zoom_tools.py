@@ -77,6 +77,6 @@ def zoom_rollout(model, processor, coordinates, monkeypatch, *, group_size=3, ma
     config = SamplingConfig(max_new_tokens=max_new_tokens, look_mode="zoom", **sampling)
     zoom = Zoom(sources, targets, processor, config, tokens)
     rollout = dip_r1.rollout.sample_completions(
-        model, inputs, config, tokens, group_size=group_size, zoom=zoom
+        model, inputs, config, tokens, group_size=group_size, zoom=zoom, keep_logprobs=True
     )
     return rollout, inputs, zoom
