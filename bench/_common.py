@@ -80,53 +80,32 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-# Qwen2.5-VL-3B-Instruct's architecture (its config.json), for random-init runs where the weights cannot be
-# downloaded: the figures depend on the shapes, not on the values.
-QWEN2_5_VL_3B = dict(
-    text=dict(
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=128000,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        tie_word_embeddings=True,
-    ),
-    vision=dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=2048,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    ),
-)
-SHAPES = {"qwen2_5_vl_3b": ("qwen2_5_vl", QWEN2_5_VL_3B)}
+SHAPES = {"qwen2_5_vl_3b": ("qwen2_5_vl", "Qwen2.5-VL-3B-Instruct")}
+"""Real architectures for random-init runs where the weights cannot be downloaded (the figures depend on the
+shapes, not on the values): the published sizes of ``dip_r1.architectures``."""
 
 
 def shape_config(shape: str, tokenizer):
     """A transformers config of a named real model's architecture, with the tiny tokenizer's special ids."""
     from transformers import Qwen2_5_VLConfig
 
+    from dip_r1.architectures import published_config
     from dip_r1.tiny import SPECIAL_TOKENS
 
-    family, spec = SHAPES[shape]
+    _, name = SHAPES[shape]
+    text = published_config(name)
+    vision = text.pop("vision_config")
+    text.pop("model_type")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
-        spec["text"],
+        text,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     return Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=spec["vision"],
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
