@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,22 +77,14 @@ def order(names: list[str]) -> list[str]:
 
 def unavailable(arm: Arm) -> str | None:
     """Why the library cannot run ``arm``, or None when it can: a zoom arm needs ``SamplingConfig.look_mode``
-    (and ``sft_zoom`` an SFTModule that writes zoom-format targets)."""
+    (an SFT arm then trains on the zoom look's teacher completions: ``SFTModule``'s targets follow it)."""
     if arm.look_mode == "text":
         return None
     from dip_r1.config import SamplingConfig
 
     if "look_mode" not in {f.name for f in dataclasses.fields(SamplingConfig)}:
         return "this dip_r1 has no zoom look (SamplingConfig.look_mode)"
-    if arm.trains == "sft" and "look_mode" not in _sft_parameters():
-        return "this dip_r1's SFTModule writes no zoom-format targets (SFTModule(look_mode=))"
     return None
-
-
-def _sft_parameters() -> set[str]:
-    from dip_r1.sft import SFTModule
-
-    return set(inspect.signature(SFTModule.__init__).parameters)
 
 
 def rewards_config(arm: Arm, levers: Levers) -> dict:
@@ -150,8 +141,6 @@ def sft_model(model: dict, arm: Arm, policy_path: str, lr: float, eval_sampling:
         "sampling": _with_look_mode(eval_sampling, arm),
         "micro_batch_size": args.get("micro_batch_size", 8),
     }
-    if arm.look_mode != "text":
-        init["look_mode"] = arm.look_mode
     return {"class_path": "dip_r1.sft.SFTModule", "init_args": init}
 
 

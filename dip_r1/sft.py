@@ -16,6 +16,8 @@ from dip_r1.grpo import masked_mean
 from dip_r1.models import CheckpointBuilder, PolicySpec
 from dip_r1.policy_module import PolicyModule
 from dip_r1.scoring import completion_logprobs
+from dip_r1.zoom.crops import zoom_of
+from dip_r1.zoom.teacher import teacher_batch, teacher_logprobs, zoom_targets
 
 
 def target_completion(target: dict, *, max_look: int = 2, category: str | None = None) -> str:
@@ -44,15 +46,22 @@ def target_completion(target: dict, *, max_look: int = 2, category: str | None =
 class SFTModule(PolicyModule):
     """Cross-entropy on Think-Look-Answer targets, with the same policy loader, data and evaluation as GRPO.
 
+    The targets follow ``sampling.look_mode``: ``"text"``, :func:`target_completion`; ``"zoom"``, the zoom
+    look's teacher completions (:func:`dip_r1.zoom.targets.zoom_target`: looks over the densest groups, the
+    crops inserted as the rollout inserts them, the people inside a crop answered in its frame with
+    ``"region"``), trained by teacher forcing through the crops (:mod:`dip_r1.zoom.teacher`).
+
     Args:
         policy: the model to train: local path, LoRA / QLoRA, dtype.
         warm_start: builds the checkpoint at ``policy.path`` when it is missing, only at its own ``home`` folder
             or with its ``force`` set (``dip_r1.models.prepare_model_path``).
-        max_look: look boxes in each target (the most occluded objects).
+        max_look: look boxes in each text target (the most occluded objects); zoom targets take
+            ``sampling.max_looks``.
         max_target_tokens: targets are cut to this many tokens.
         optimizer: the optimiser, built on the trainable parameters (AdamW, lr 1e-4 by default).
         lr_scheduler: an optional learning-rate scheduler, stepped every step.
-        sampling: how ``validate`` / ``test`` / ``predict`` decode (greedy by default).
+        sampling: how ``validate`` / ``test`` / ``predict`` decode (greedy by default), and with ``look_mode``
+            which targets it trains on.
         micro_batch_size: answers scored at once when evaluating.
         compare_base: also evaluate the base model and print both rows and the difference.
     """
@@ -102,9 +111,21 @@ class SFTModule(PolicyModule):
     def training_step(self, batch: dict | None, batch_idx: int):
         if batch is None:
             return None
-        ids, mask = self.target_ids(batch["targets"])
-        index = torch.arange(len(ids), device=self.device)
-        logp = completion_logprobs(self.policy, batch["inputs"], index, ids, mask)  # [B, T]
+        if self.eval_sampling.look_mode == "zoom":
+            logp, mask = self.zoom_logprobs(batch)
+        else:
+            ids, mask = self.target_ids(batch["targets"])
+            index = torch.arange(len(ids), device=self.device)
+            logp = completion_logprobs(self.policy, batch["inputs"], index, ids, mask)  # [B, T]
         loss = -masked_mean(logp, mask)
-        self.log("train/sft_loss", loss, prog_bar=True, batch_size=len(ids))
+        self.log("train/sft_loss", loss, prog_bar=True, batch_size=len(mask))
         return loss
+
+    def zoom_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logp [B, K], mask [B, K])``: the zoom teacher completions of the batch, teacher-forced through
+        their crops (``mask``: the written tokens)."""
+        zoom = zoom_of(batch, self.processor, self.eval_sampling, self.token_ids)
+        written = teacher_batch(
+            zoom, batch["inputs"], zoom_targets(zoom), self.tokenizer.eos_token_id, self.max_target_tokens
+        )
+        return teacher_logprobs(self.policy, written), written.supervised

@@ -105,3 +105,31 @@ def test_committed_base_is_the_one_its_readme_describes():
     assert record["scores"]["few"]["distinct_answers"] > 0.9  # it answers each image with its own boxes
     model, _ = load_policy(base, freeze_vision=False)
     assert model.config.model_type == "qwen3_vl"
+
+
+def test_zoom_stage_goes_on_from_a_base_and_scores_both_looks(tmp_path, tiny_checkpoint):
+    torch.set_num_threads(1)
+    start = tiny_checkpoint("qwen3_vl")
+    config = TinyPretrain(
+        start=start,
+        look_mode="zoom",
+        stages=[Stage(2, 2, 4, 4, 128, 96)],
+        batch_size=2,
+        vision_warmup=0,
+        max_pixels=64 * 64,  # the 128x96 images are seen at half size: their crops are worth opening
+        cache=str(tmp_path / "sets"),
+        eval_images=2,
+        held_out_size=(128, 96),
+    )
+    out = tmp_path / "zoom"
+    config.build(out)
+    written = json.loads((out / "scores.json").read_text())
+    assert set(written["scores"]) == {"few/zoom", "few/text", "crowd/zoom", "crowd/text"}
+    readme = (out / "README.md").read_text()
+    assert f"built from `{start}`" in readme and "| crowd (6-10 people, 128x96, 2 images) | zoom |" in readme
+    trained, _ = load_policy(out)
+    before, _ = load_policy(start)
+    changed = [
+        n for (n, p), q in zip(trained.named_parameters(), before.parameters()) if not torch.equal(p, q)
+    ]
+    assert any(".visual." in n for n in changed) and any(".language_model." in n for n in changed)

@@ -16,8 +16,11 @@ LOOKS = ("[[0, 0, 500, 500], [600, 100, 900, 700]]", "[[100, 100, 300, 260]]", "
 """The looks the forced completions write (0..1000 of the image): two crops, one, none."""
 
 
-def zoom_batch(processor, coordinates: str, sizes=((320, 240), (200, 300))) -> tuple[dict, list, list]:
-    """``(inputs, sources, targets)``: one prompt per size, striped images larger than the 160x120 budget."""
+def zoom_batch(
+    processor, coordinates: str, sizes=((320, 240), (200, 300)), boxes=((10.0, 10, 50, 90),)
+) -> tuple[dict, list, list]:
+    """``(inputs, sources, targets)``: one prompt per size, striped images larger than the 160x120 budget, each
+    annotated with ``boxes`` (source pixels)."""
     processor.tokenizer.padding_side = "left"
     builder = DetectionPromptBuilder(coordinates=coordinates, max_pixels=160 * 120, system_prompt="Detect.")
     builder.configure(image_processor=processor.image_processor, keep_source=True)
@@ -31,8 +34,8 @@ def zoom_batch(processor, coordinates: str, sizes=((320, 240), (200, 300))) -> t
             image_id=str(i),
             width=w,
             height=h,
-            boxes=torch.tensor([[10.0, 10, 50, 90]]),
-            labels=["person"],
+            boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            labels=["person"] * len(boxes),
         )
         prompts.append(builder.build(sample, image, dataset="zoom"))
     texts = [

@@ -37,9 +37,9 @@ def default_curriculum() -> list[Stage]:
     return [Stage(700, 1, 1, 3500), Stage(3800, 1, 3, 9000), Stage(2500, 1, 8, 7000)]
 
 
-def held_out_sets(n: int = 64) -> dict[str, Stage]:
+def held_out_sets(n: int = 64, width: int = 160, height: int = 120) -> dict[str, Stage]:
     """The held-out sets the scores are reported on (seeds 1000 and 1001, never trained on)."""
-    return {"few": Stage(0, 1, 3, n), "crowd": Stage(0, 6, 10, n)}
+    return {"few": Stage(0, 1, 3, n, width, height), "crowd": Stage(0, 6, 10, n, width, height)}
 
 
 def stage_sources(cache: Path, stage: Stage, seed: int, scales: list[float]) -> list:
@@ -82,28 +82,39 @@ def stage_source(cache: Path, tag: str, stage: Stage, seed: int):
 
 
 def batches(
-    processor, coordinates: str, sources: list, batch_size: int, seed: int, train: bool
+    processor,
+    coordinates: str,
+    sources: list,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    max_pixels: int | None = None,
+    keep_source: bool = False,
 ) -> Iterator[dict]:
     """Batches of sources (mixed evenly when training) through the DetectionDataModule (images decoded in a
-    worker), tiny prompt."""
+    worker), tiny prompt; ``max_pixels`` caps each image's size in the prompt, ``keep_source`` keeps the
+    decoded image beside it (to zoom)."""
     from dip_r1.data import DetectionDataModule
 
     data = DetectionDataModule(
         **({"train": sources} if train else {"val": sources}),
-        prompt_builder=DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT),
+        prompt_builder=DetectionPromptBuilder(system_prompt=TINY_SYSTEM_PROMPT, max_pixels=max_pixels),
         batch_size=batch_size,
         num_workers=1,
         seed=seed,
         shuffle_buffer=256,
     )
-    data.connect(processor, coordinates=coordinates)
+    data.connect(processor, coordinates=coordinates, keep_source=keep_source)
     loader = data.train_dataloader() if train else data.val_dataloader()
     return (b for b in (data.on_before_batch_transfer(b, 0) for b in loader) if b is not None)
 
 
 @torch.no_grad()
-def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, float]:
-    """Greedy answers, decoded and measured as ``dip-r1 validate`` does (:func:`dip_r1.evaluation.predict`):
+def evaluate(
+    model, processor, loader, max_new_tokens: int = 320, look_mode: str = "text"
+) -> dict[str, float]:
+    """Greedy answers, decoded and measured as ``dip-r1 validate`` does (:func:`dip_r1.evaluation.predict`), with
+    the look of ``look_mode`` (``"zoom"`` needs batches that keep their sources):
     precision, recall, F1 at IoU 0.5, format-valid rate, and the fraction of distinct answers (1.0: every image
     got its own answer; a policy that ignores its image scores about 0)."""
     from dip_r1.config import SamplingConfig
@@ -114,7 +125,7 @@ def evaluate(model, processor, loader, max_new_tokens: int = 320) -> dict[str, f
     model.eval()
     evaluator, texts = DetectionEvaluator(), []
     sampling, tokens = (
-        SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False),
+        SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, look_mode=look_mode),
         TokenIds.of(model, processor),
     )
     for batch in loader:

@@ -23,6 +23,8 @@ import argparse
 import hashlib
 import json
 import math
+import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -84,6 +86,23 @@ class TinyPretrain:
     force: bool = False
     """As a ``warm_start``: build at any missing ``policy.path`` (``--model.init_args.warm_start.init_args.force
     true``)."""
+    start: str | None = None
+    """Go on from this checkpoint instead of random weights (a stage on a built base, e.g. the zoom stage); its
+    family and size are the checkpoint's."""
+    look_mode: str = "text"
+    """``"zoom"``: teach the zoom look by teacher forcing (:func:`dip_r1.zoom.targets.zoom_target`: looks over
+    the densest groups, the crops inserted, the people inside a crop answered in its frame); the held-out
+    scores are then given with the zoom look and with the text look on the same images."""
+    text_share: float = 0.25
+    """Zoom: the share of targets written in the text look (no crops follow ``</look>``), so that the same base
+    also answers in text mode."""
+    max_pixels: int | None = None
+    """The prompt builder's pixel budget for each image (None: the processor's); images larger than it are
+    reduced, as real photos are, and a crop of the source holds detail the full view lost."""
+    max_looks: int = 2
+    """Zoom: the most crops a target opens (the rollout's ``sampling.max_looks``)."""
+    held_out_size: tuple[int, int] = (160, 120)
+    """Width and height of the held-out sets' images."""
 
     def build(self, path: str | Path) -> Path:
         """Write the checkpoint, ``scores.json`` and ``README.md`` to ``path``; return it."""
@@ -123,13 +142,18 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     from dip_r1.tiny.checkpoints import save_tiny
     from dip_r1.tiny.grounding import GroundingHead, grounding_loss, sinusoidal_positions, vision_tower
 
-    save_tiny(tmp, c.family, c.size, c.seed)
+    if c.start:
+        copy_checkpoint(c.start, tmp)
+    else:
+        save_tiny(tmp, c.family, c.size, c.seed)
     torch.manual_seed(c.seed)
     model, processor = load_policy(tmp, freeze_vision=False)
+    zooming = c.look_mode == "zoom"
+    teach = ZoomTeacher(processor, model, c) if zooming else None
     model.train()
     coordinates = PolicySpec(str(tmp)).data_spec(processor)["coordinates"]
     sft = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids only
-    if c.sinusoidal and not sinusoidal_positions(model):
+    if c.sinusoidal and not c.start and not sinusoidal_positions(model):  # a start keeps its trained table
         log(f"dip_r1.pretrain: {c.family} has no vision position table; it may not learn to see")
     head = GroundingHead(model.config.get_text_config().hidden_size)  # trained here, never saved
     vision = {id(p) for p in vision_tower(model).parameters()}
@@ -146,14 +170,16 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     start, history = time.perf_counter(), []
 
     def held_out() -> dict:
-        return {
-            name: evaluate(
-                model,
-                processor,
-                batches(processor, coordinates, [stage_source(cache, "eval", s, 1000 + i)], 16, 0, False),
-            )
-            for i, (name, s) in enumerate(held_out_sets(c.eval_images).items())
-        }
+        scores = {}
+        for i, (name, s) in enumerate(held_out_sets(c.eval_images, *c.held_out_size).items()):
+            for mode in ("zoom", "text") if zooming else ("text",):
+                loader = batches(
+                    processor, coordinates, [stage_source(cache, "eval", s, 1000 + i)], 16, 0, False,
+                    c.max_pixels, zooming,
+                )  # fmt: skip
+                key = f"{name}/{mode}" if zooming else name
+                scores[key] = evaluate(model, processor, loader, 320 + 80 * zooming, mode)
+        return scores
 
     def elapsed() -> float:
         return round(time.perf_counter() - start, 1)
@@ -178,14 +204,16 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     step, total = 0, sum(s.steps for s in c.stages)
     for index, stage in enumerate(c.stages):
         sources = stage_sources(cache, stage, c.seed * 100 + index, c.scales)
-        for batch in zip(
-            range(stage.steps), batches(processor, coordinates, sources, c.batch_size, c.seed, True)
-        ):
+        stream = batches(processor, coordinates, sources, c.batch_size, c.seed, True, c.max_pixels, zooming)
+        for batch in zip(range(stage.steps), stream):
             batch = batch[1]
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * _lr_scale(step, total, c.warmup)
-            ids, mask = sft.target_ids(batch["targets"])  # [B, T]
-            logp = completion_logprobs(model, batch["inputs"], torch.arange(len(ids)), ids, mask)  # [B, T]
+            if teach is not None:
+                logp, mask = teach(batch)  # [B, K] each
+            else:
+                ids, mask = sft.target_ids(batch["targets"])  # [B, T]
+                logp = completion_logprobs(model, batch["inputs"], torch.arange(len(ids)), ids, mask)
             answer = -masked_mean(logp, mask)
             grounding = (
                 grounding_loss(model, head, batch["inputs"], batch["targets"])
@@ -221,13 +249,53 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
         "seconds": elapsed(),
         "sha256": sha256(tmp / "model.safetensors"),
         "config": {k: v for k, v in asdict(c).items() if k not in _WARM_START_FIELDS},
-        "held_out": {k: asdict(s) for k, s in held_out_sets(c.eval_images).items()},
+        "held_out": {k: asdict(s) for k, s in held_out_sets(c.eval_images, *c.held_out_size).items()},
         "history": history,
     }
     (tmp / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
     write_readme(tmp, out.name, record, command or f"python -m dip_r1.pretrain --out {out}")
     log(json.dumps({"scores": scores, "seconds": record["seconds"], "sha256": record["sha256"]}))
     return record
+
+
+class ZoomTeacher:
+    """The zoom stage's loss terms: each batch's targets as zoom teacher completions (a ``text_share`` of them
+    in the text look), teacher-forced through their crops (:mod:`dip_r1.zoom.teacher`)."""
+
+    def __init__(self, processor, model, config: TinyPretrain) -> None:
+        from dip_r1.config import SamplingConfig
+        from dip_r1.tokens import TokenIds
+
+        self.processor, self.model, self.text_share = processor, model, config.text_share
+        self.sampling = SamplingConfig(look_mode="zoom", max_looks=config.max_looks)
+        self.tokens = TokenIds.of(model, processor)
+        self.rng = random.Random(config.seed)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logp [B, K], written [B, K])`` of the batch's teacher completions."""
+        from dip_r1.sft import target_completion
+        from dip_r1.zoom.crops import Zoom
+        from dip_r1.zoom.teacher import teacher_batch, teacher_logprobs, zoom_targets
+
+        zoom = Zoom(batch["sources"], batch["targets"], self.processor, self.sampling, self.tokens)
+        written = [
+            target_completion(t) if self.rng.random() < self.text_share else z
+            for t, z in zip(batch["targets"], zoom_targets(zoom, self.rng))
+        ]
+        teacher = teacher_batch(zoom, batch["inputs"], written, self.processor.tokenizer.eos_token_id)
+        return teacher_logprobs(self.model, teacher), teacher.supervised
+
+
+def copy_checkpoint(source: str | Path, folder: Path) -> None:
+    """The model and processor files of the checkpoint at ``source`` into ``folder`` (not its README or
+    scores)."""
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"dip_r1.pretrain: --start {source} holds no checkpoint (no config.json)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.is_file() and file.name not in ("README.md", "scores.json"):
+            shutil.copy2(file, folder / file.name)
 
 
 def sha256(path: str | Path) -> str:
@@ -272,6 +340,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)"
     )
+    parser.add_argument("--start", default=None, help="go on from this checkpoint instead of random weights")
+    parser.add_argument("--look-mode", default=d.look_mode, choices=("text", "zoom"))
+    parser.add_argument("--text-share", type=float, default=d.text_share)
+    parser.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    parser.add_argument("--max-looks", type=int, default=d.max_looks)
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument(
+        "--held-out-size",
+        type=lambda t: tuple(int(v) for v in t.split("x")),
+        default=d.held_out_size,
+        help="WIDTHxHEIGHT of the held-out images",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = TinyPretrain(
@@ -288,6 +368,13 @@ def main(argv: list[str] | None = None) -> None:
         sinusoidal=not args.random_positions,
         cache=args.cache,
         eval_every=args.eval_every,
+        start=args.start,
+        look_mode=args.look_mode,
+        text_share=args.text_share,
+        max_pixels=args.max_pixels,
+        max_looks=args.max_looks,
+        warmup=args.warmup,
+        held_out_size=args.held_out_size,
     )
     command = "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
     pretrain(args.out, config, command=command)
@@ -295,20 +382,27 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_readme(folder: Path, name: str, record: dict, command: str) -> None:
     """The README beside a built base: how it was made and what it scores."""
-    rows = "\n".join(
-        f"| {name} ({s['min_people']}-{s['max_people']} people, {s['width']}x{s['height']}, {s['n']} images) | "
-        f"{record['scores'][name]['precision']:.3f} | {record['scores'][name]['recall']:.3f} | "
-        f"{record['scores'][name]['f1']:.3f} | {record['scores'][name]['format_valid']:.3f} | "
-        f"{record['scores'][name]['distinct_answers']:.3f} |"
-        for name, s in record["held_out"].items()
+    config, rows = record["config"], []
+    for key, score in record["scores"].items():
+        set_name, _, mode = key.partition("/")
+        s = record["held_out"][set_name]
+        rows.append(
+            f"| {set_name} ({s['min_people']}-{s['max_people']} people, {s['width']}x{s['height']}, {s['n']} "
+            f"images) | {mode or 'text'} | {score['precision']:.3f} | {score['recall']:.3f} | {score['f1']:.3f} | "
+            f"{score['format_valid']:.3f} | {score['distinct_answers']:.3f} |"
+        )
+    origin = f"from `{config['start']}`" if config.get("start") else "from random weights"
+    budget = (
+        f", each image reduced to at most {config['max_pixels']} pixels" if config.get("max_pixels") else ""
     )
     (folder / "README.md").write_text(
-        f"# {name}\n\nA tiny {record['config']['family']} ({record['config']['size']}) built from random "
-        f"weights by `dip_r1.pretrain` in {record['steps']} steps ({record['seconds'] / 60:.0f} min).\n\n"
-        f"```bash\n{command}\n```\n\nseed {record['config']['seed']}; `model.safetensors` sha256 "
-        f"`{record['sha256']}`.\n\nHeld-out greedy answers (IoU 0.5):\n\n"
-        "| set | precision | recall | F1 | format valid | distinct answers |\n|---|---|---|---|---|---|\n"
-        f"{rows}\n\nIts prompts use the system prompt `dip_r1.pretrain.TINY_SYSTEM_PROMPT`.\n"
+        f"# {name}\n\nA tiny {config['family']} ({config['size']}) built {origin} by `dip_r1.pretrain` in "
+        f"{record['steps']} steps ({record['seconds'] / 60:.0f} min), {config.get('look_mode', 'text')} look "
+        f"targets{budget}.\n\n```bash\n{command}\n```\n\nseed {config['seed']}; `model.safetensors` sha256 "
+        f"`{record['sha256']}`.\n\nHeld-out greedy answers (IoU 0.5), with the look given:\n\n"
+        "| set | look | precision | recall | F1 | format valid | distinct answers |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\nIts prompts use the system prompt `dip_r1.pretrain.TINY_SYSTEM_PROMPT`.\n"
     )
 
 

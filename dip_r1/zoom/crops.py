@@ -85,21 +85,23 @@ class Zoom:
         """Whether a completion's tokens so far (its last few suffice) spell ``</look>``."""
         return LOOK_CLOSED in self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def crop_settings(self, prompt: int) -> dict[str, Any]:
+        """How prompt ``prompt``'s crops are opened: ``max_looks``, ``min_side`` and the resize of a crop
+        (``factor``, ``min_pixels``, ``max_pixels``: the prompt's, capped at ``zoom_max_pixels``)."""
+        factor, min_pixels, max_pixels = self.targets[prompt]["resize"]
+        budget = self.sampling.zoom_max_pixels or max_pixels
+        return {
+            "max_looks": self.sampling.max_looks,
+            "min_side": self.sampling.zoom_min_side,
+            "factor": factor,
+            "min_pixels": min(min_pixels, budget),
+            "max_pixels": budget,
+        }
+
     def open(self, prompt: int, ids: Sequence[int]) -> list[CropGeometry]:
         """The crops that the completion ``ids`` (of prompt ``prompt``, up to its ``</look>``) opens."""
         look = parse_completion(self.tokenizer.decode(list(ids), skip_special_tokens=True)).look
-        target = self.targets[prompt]
-        factor, min_pixels, max_pixels = target["resize"]
-        budget = self.sampling.zoom_max_pixels or max_pixels
-        return crop_regions(
-            look,
-            target,
-            max_looks=self.sampling.max_looks,
-            min_side=self.sampling.zoom_min_side,
-            factor=factor,
-            min_pixels=min(min_pixels, budget),
-            max_pixels=budget,
-        )
+        return crop_regions(look, self.targets[prompt], **self.crop_settings(prompt))
 
     def pixels(self, prompt: int, crops: Sequence[CropGeometry]) -> tuple[Tensor, Tensor]:
         """``(pixel_values, image_grid_thw)`` of the crops, cut from the source image and resized to their

@@ -5,7 +5,10 @@ columns are masked padding) until none is still writing its look; then one block
 all of them at once: each waiting completion's crops (vision start, image pads, vision end per crop) at the
 right end of the block, masked padding before them, a fully masked block for the others. Masked columns are
 attended by nobody, so a completion reads ``... </look> [crop 1] [crop 2] <answer> ...`` exactly as if written
-without gaps, and the scoring passes see the very same columns.
+without gaps, and the scoring passes see the very same columns. (Except in a family with linear-attention
+layers, Qwen3.5: HF zeroes their masked inputs but their state still decays through those columns, so a row
+that waited differs slightly from its unpadded sequence; the scoring passes see the same columns, so the rollout
+and the loss still agree.)
 """
 
 from __future__ import annotations
