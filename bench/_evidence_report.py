@@ -323,8 +323,8 @@ def f1_bars(table: dict, sets: Sequence[str], size: tuple[int, int]) -> Image.Im
 
 
 def detection_tiles(image: Image.Image, predictions: dict, height: int) -> Image.Image:
-    """The same crowded image once per arm with its greedy boxes (green true, red false, yellow missed) and
-    its look boxes (the regions a zoom arm is shown cropped)."""
+    """The same crowded image once per arm with its greedy boxes (green true, red false, yellow missed), its
+    look boxes and, for a zoom arm, each crop it was shown as an inset below, with the boxes read off it."""
     tiles = []
     for arm, p in predictions.items():
         original = image.convert("RGB").resize(tuple(p.target.get("orig_size") or image.size))
@@ -333,14 +333,25 @@ def detection_tiles(image: Image.Image, predictions: dict, height: int) -> Image
             to_original_pixels(p.target.get("ignore"), p.target),
         )
         tile = draw_detections(
-            original, p.boxes, None, look=p.look, gt=gt, ignore=ignore, min_size=height - 16
+            original,
+            p.boxes,
+            None,
+            look=p.look,
+            gt=gt,
+            ignore=ignore,
+            min_size=height - 16,
+            crops=p.crops,  # zoom: each crop outlined and shown below as an inset, with the boxes read off it
+            source=p.source if p.source is not None else original,
+            regions=p.parsed.regions,
         )
         tile = tile.resize((round(tile.width * (height - 16) / tile.height), height - 16))
         framed = Image.new("RGB", (tile.width, height), "white")
         framed.paste(tile, (0, 16))
         ImageDraw.Draw(framed).text((2, 2), arm, fill=_arm_colour(arm))
         tiles.append(framed)
-    legend = "boxes: green true, red false, yellow missed; dashed: blue look (zoom: the crops), grey ignore"
+    legend = (
+        "boxes: green true, red false, yellow missed; dashed: blue look, grey ignore; zoom: crops k below"
+    )
     row = Image.new("RGB", (sum(t.width for t in tiles) + _PAD * len(tiles), height + 14), "white")
     x = 0
     for t in tiles:

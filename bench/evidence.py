@@ -92,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GRPO: validate every N steps (the budget is chosen there)",
     )
     p.add_argument(
-        "--eval-max-new-tokens", type=int, default=768, help="longest greedy answer (24 people: ~600, ~700 with regions)"
+        "--eval-max-new-tokens",
+        type=int,
+        default=768,
+        help="longest greedy answer (24 people: ~600, ~700 with regions)",
     )
     p.add_argument("--eval-batch-size", type=int, default=16, help="images per evaluation batch")
     p.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dip_r1.models import load_policy
@@ -93,16 +94,21 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     assert pretrain.__doc__
 
 
-def test_committed_base_is_the_one_its_readme_describes():
+@pytest.mark.parametrize("name", ["tiny-qwen3_vl-seeing", "tiny-qwen3_vl-zoom"])
+def test_committed_base_is_the_one_its_readme_describes(name):
     from pathlib import Path
 
     from dip_r1.tiny.pretrain import sha256
 
-    base = Path(__file__).resolve().parents[1] / "data/tiny-qwen3_vl-seeing"
+    base = Path(__file__).resolve().parents[1] / "data" / name
     record = json.loads((base / "scores.json").read_text())
     assert sha256(base / "model.safetensors") == record["sha256"]
     assert record["sha256"] in (base / "README.md").read_text()
-    assert record["scores"]["few"]["distinct_answers"] > 0.9  # it answers each image with its own boxes
+    assert (base / "model.safetensors").stat().st_size < 20 * 2**20
+    few = record["scores"].get("few") or record["scores"]["few/zoom"]
+    assert few["distinct_answers"] > 0.9  # it answers each image with its own boxes
+    if record["config"].get("look_mode") == "zoom":  # scored with both looks on the same images
+        assert {"crowd/zoom", "crowd/text"} <= set(record["scores"])
     model, _ = load_policy(base, freeze_vision=False)
     assert model.config.model_type == "qwen3_vl"
 
