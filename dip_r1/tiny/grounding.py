@@ -95,6 +95,8 @@ def grounding_loss(model: nn.Module, head: nn.Module, inputs: dict, targets: lis
     base = _base(model)
     features = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
     merge = getattr(vision_tower(model), "spatial_merge_size", 2)
+    if len(targets) != len(inputs["image_grid_thw"]):
+        raise ValueError(f"{len(targets)} grounding targets for {len(inputs['image_grid_thw'])} images")
     losses = []
     for feats, thw, target in zip(features.pooler_output, inputs["image_grid_thw"].tolist(), targets):
         positive, box = cell_targets(target, (thw[1] // merge, thw[2] // merge))

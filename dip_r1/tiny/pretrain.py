@@ -14,6 +14,18 @@ the command, the seed and the sha256 of the weights. What it takes, each measure
 - a short system prompt (``TINY_SYSTEM_PROMPT``; recipes that start from these bases set it too);
 - a curriculum: one figure, then one to three, then one to eight, each stage its own generated set.
 
+**The zoom stage.** ``--start <base> --look-mode zoom`` goes on from a built base and teaches it the zoom look
+by teacher forcing (:mod:`dip_r1.zoom.teacher`): each target looks at the densest groups of people (none when
+no two stand together), the crops are inserted after ``</look>`` exactly as the rollout inserts them, and the
+people inside a crop are answered in its frame with ``"region": k``, the rest in the image frame. With
+``--max-pixels`` below the images' size (``--scales 1,2``: some images twice the budget's side), the full view
+loses detail that a crop gives back. A ``--text-share`` of the targets keep the text look, so the base answers
+in both modes and its held-out scores are given for both on the same images::
+
+    python -m dip_r1.pretrain --out data/tiny-qwen3_vl-zoom --start data/tiny-qwen3_vl-seeing --look-mode zoom \
+        --stages 1500:1:10:8000:160:120 --scales 1,2 --max-pixels 22000 --vision-warmup 0 --lr 5e-4 \
+        --vision-lr 5e-4 --held-out-size 320x240 --eval-every 750
+
 :class:`TinyPretrain` is the same as a ``warm_start`` (:class:`~dip_r1.models.CheckpointBuilder`).
 """
 
@@ -101,6 +113,8 @@ class TinyPretrain:
     reduced, as real photos are, and a crop of the source holds detail the full view lost."""
     max_looks: int = 2
     """Zoom: the most crops a target opens (the rollout's ``sampling.max_looks``)."""
+    crop_grounding: bool = True
+    """Zoom: the grounding loss also on the crops (the people whose centre each holds, in its frame)."""
     held_out_size: tuple[int, int] = (160, 120)
     """Width and height of the held-out sets' images."""
 
@@ -141,6 +155,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     from dip_r1.sft import SFTModule
     from dip_r1.tiny.checkpoints import save_tiny
     from dip_r1.tiny.grounding import GroundingHead, grounding_loss, sinusoidal_positions, vision_tower
+    from dip_r1.zoom.teacher import teacher_logprobs
 
     if c.start:
         copy_checkpoint(c.start, tmp)
@@ -209,17 +224,17 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
             batch = batch[1]
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * _lr_scale(step, total, c.warmup)
+            images, seen = batch["inputs"], batch["targets"]  # what the grounding loss is taken on
             if teach is not None:
-                logp, mask = teach(batch)  # [B, K] each
+                teacher, crop_targets = teach(batch)
+                logp, mask = teacher_logprobs(model, teacher), teacher.supervised  # [B, K] each
+                if c.crop_grounding:  # the crops too: where each person stands in a magnified view
+                    images, seen = teacher.inputs, crop_targets
             else:
                 ids, mask = sft.target_ids(batch["targets"])  # [B, T]
                 logp = completion_logprobs(model, batch["inputs"], torch.arange(len(ids)), ids, mask)
             answer = -masked_mean(logp, mask)
-            grounding = (
-                grounding_loss(model, head, batch["inputs"], batch["targets"])
-                if c.grounding_weight
-                else 0 * answer
-            )
+            grounding = grounding_loss(model, head, images, seen) if c.grounding_weight else 0 * answer
             optimizer.zero_grad(set_to_none=True)
             (answer + c.grounding_weight * grounding).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,31 +274,50 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
 
 
 class ZoomTeacher:
-    """The zoom stage's loss terms: each batch's targets as zoom teacher completions (a ``text_share`` of them
-    in the text look), teacher-forced through their crops (:mod:`dip_r1.zoom.teacher`)."""
+    """The zoom stage's targets: each batch's as zoom teacher completions (a ``text_share`` of them in the text
+    look), laid out with their crops for teacher forcing (:mod:`dip_r1.zoom.teacher`)."""
 
     def __init__(self, processor, model, config: TinyPretrain) -> None:
         from dip_r1.config import SamplingConfig
         from dip_r1.tokens import TokenIds
 
-        self.processor, self.model, self.text_share = processor, model, config.text_share
+        self.processor, self.text_share = processor, config.text_share
         self.sampling = SamplingConfig(look_mode="zoom", max_looks=config.max_looks)
         self.tokens = TokenIds.of(model, processor)
         self.rng = random.Random(config.seed)
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logp [B, K], written [B, K])`` of the batch's teacher completions."""
+    def __call__(self, batch: dict):
+        """``(teacher, grounding)``: the :class:`~dip_r1.zoom.teacher.TeacherBatch` and, for each of its images
+        in order (a prompt's, then its crops'), the grounding target (:func:`crop_grounding_target`)."""
         from dip_r1.sft import target_completion
         from dip_r1.zoom.crops import Zoom
-        from dip_r1.zoom.teacher import teacher_batch, teacher_logprobs, zoom_targets
+        from dip_r1.zoom.teacher import teacher_batch, zoom_targets
 
         zoom = Zoom(batch["sources"], batch["targets"], self.processor, self.sampling, self.tokens)
-        written = [
-            target_completion(t) if self.rng.random() < self.text_share else z
-            for t, z in zip(batch["targets"], zoom_targets(zoom, self.rng))
-        ]
-        teacher = teacher_batch(zoom, batch["inputs"], written, self.processor.tokenizer.eos_token_id)
-        return teacher_logprobs(self.model, teacher), teacher.supervised
+        written, grounding = [], []
+        for target, zoomed in zip(batch["targets"], zoom_targets(zoom, self.rng)):
+            text = self.rng.random() < self.text_share
+            written.append(target_completion(target) if text else zoomed)
+            grounding += [target] + ([] if text else [crop_grounding_target(target, c) for c in zoomed.crops])
+        eos = self.processor.tokenizer.eos_token_id
+        return teacher_batch(zoom, batch["inputs"], written, eos), grounding
+
+
+def crop_grounding_target(target: dict, crop) -> dict:
+    """The grounding target of a crop (:func:`dip_r1.tiny.grounding.cell_targets`): the people whose centre it
+    holds, in its frame.
+
+    >>> from dip_r1.zoom.geometry import CropGeometry
+    >>> crop = CropGeometry((0.0, 0.0, 100.0, 100.0), (64, 64), "relative-1000", (200, 100), (200, 100))
+    >>> t = {"boxes": torch.tensor([[0.0, 0, 250, 500], [400, 0, 600, 1000]]), "coordinates": "relative-1000"}
+    >>> crop_grounding_target(t, crop)["boxes"].tolist()  # the second person's centre lies outside the crop
+    [[0.0, 0.0, 500.0, 500.0]]
+    """
+    boxes = crop.from_image(torch.as_tensor(target["boxes"]).float().reshape(-1, 4).cpu())
+    w, h = crop.space
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    return {"boxes": boxes[inside], "image_size": (w, h)}
 
 
 def copy_checkpoint(source: str | Path, folder: Path) -> None:
@@ -345,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-share", type=float, default=d.text_share)
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels)
     parser.add_argument("--max-looks", type=int, default=d.max_looks)
+    parser.add_argument(
+        "--no-crop-grounding", action="store_true", help="zoom: the grounding loss on the prompt images only"
+    )
     parser.add_argument("--warmup", type=int, default=d.warmup)
     parser.add_argument(
         "--held-out-size",
@@ -373,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         text_share=args.text_share,
         max_pixels=args.max_pixels,
         max_looks=args.max_looks,
+        crop_grounding=not args.no_crop_grounding,
         warmup=args.warmup,
         held_out_size=args.held_out_size,
     )
