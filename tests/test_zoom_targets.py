@@ -56,6 +56,10 @@ def test_the_group_is_looked_at_and_answered_off_its_crop_in_pixels():
         {"bbox_2d": [150, 10, 160, 30], "label": "person"},  # alone: the image frame, half of source
     ]
     assert t.answer_text.startswith("\n<answer>") and t.text == t.look_text + t.answer_text
+    # the text look writes the same think and look, then every box in the image frame, in target order
+    plain = parse_completion(t.text_look)
+    assert t.text_look.startswith(t.look_text) and plain.regions in (None, [None] * 4)
+    assert plain.answer.tolist() == [[50, 50, 60, 70], [62, 50, 72, 70], [150, 10, 160, 30], [74, 52, 84, 72]]
 
 
 def test_the_group_is_answered_in_thousandths_of_its_crop():

@@ -106,8 +106,8 @@ class TinyPretrain:
     the densest groups, the crops inserted, the people inside a crop answered in its frame); the held-out
     scores are then given with the zoom look and with the text look on the same images."""
     text_share: float = 0.25
-    """Zoom: the share of targets written in the text look (no crops follow ``</look>``), so that the same base
-    also answers in text mode."""
+    """Zoom: the share of targets written in the text look (the same think and look, no crops after
+    ``</look>``, every box in the image frame), so that the same base also answers in text mode."""
     max_pixels: int | None = None
     """The prompt builder's pixel budget for each image (None: the processor's); images larger than it are
     reduced, as real photos are, and a crop of the source holds detail the full view lost."""
@@ -289,7 +289,6 @@ class ZoomTeacher:
     def __call__(self, batch: dict):
         """``(teacher, grounding)``: the :class:`~dip_r1.zoom.teacher.TeacherBatch` and, for each of its images
         in order (a prompt's, then its crops'), the grounding target (:func:`crop_grounding_target`)."""
-        from dip_r1.sft import target_completion
         from dip_r1.zoom.crops import Zoom
         from dip_r1.zoom.teacher import teacher_batch, zoom_targets
 
@@ -297,7 +296,7 @@ class ZoomTeacher:
         written, grounding = [], []
         for target, zoomed in zip(batch["targets"], zoom_targets(zoom, self.rng)):
             text = self.rng.random() < self.text_share
-            written.append(target_completion(target) if text else zoomed)
+            written.append(zoomed.text_look if text else zoomed)  # the same look; crops or not after it
             grounding += [target] + ([] if text else [crop_grounding_target(target, c) for c in zoomed.crops])
         eos = self.processor.tokenizer.eos_token_id
         return teacher_batch(zoom, batch["inputs"], written, eos), grounding

@@ -50,11 +50,19 @@ class ZoomTarget:
     """The crops the look opens (:func:`~dip_r1.zoom.geometry.crop_regions`, as the rollout opens them)."""
     answer_text: str
     """``\\n<answer>[…]</answer>``: what is written after them; ``"region": k`` names ``crops[k - 1]``."""
+    text_answer: str = ""
+    """The same answer without crops, every box in the image frame: what follows the same look in the text
+    look (no crop is shown), so that one policy learns both modes from the same think and look."""
 
     @property
     def text(self) -> str:
         """The whole completion as decoded (the crops are image tokens, which decode to no text)."""
         return self.look_text + self.answer_text
+
+    @property
+    def text_look(self) -> str:
+        """The completion of the text look: the same think and look, the answer in the image frame."""
+        return self.look_text + self.text_answer
 
 
 def zoom_target(
@@ -108,7 +116,8 @@ def zoom_target(
     )
     text = format_completion(think, look, answer, [labels[i] for i in order], [shown[i] for i in order])
     cut = text.index(LOOK_END) + len(LOOK_END)
-    return ZoomTarget(text[:cut], crops, text[cut:])
+    plain = format_completion(think, look, boxes, labels)
+    return ZoomTarget(text[:cut], crops, text[cut:], plain[plain.index(LOOK_END) + len(LOOK_END) :])
 
 
 def dense_regions(
