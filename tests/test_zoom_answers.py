@@ -118,3 +118,18 @@ def test_a_box_that_overflows_in_the_image_frame_is_dropped_without_a_format_err
         and resolved.answer.tolist() == [[1.0, 1.0, 2.0, 2.0]]
         and resolved.regions == [None]
     )
+
+
+def test_a_prediction_with_crops_moves_between_devices_as_lightning_moves_it():
+    # trainer.predict moves each step's predictions to the CPU, rebuilding every dataclass inside them
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from dip_r1.evaluation import Prediction
+    from dip_r1.rewards.parsing import parse_completion
+
+    crop = CropGeometry((100.0, 50.0, 300.0, 150.0), (64, 32), "relative-1000", (400, 200), (160, 80))
+    parsed = parse_completion("<think>x</think><look>[[250, 250, 750, 750]]</look><answer>[]</answer>")
+    p = Prediction(parsed, torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, 4), {"boxes": torch.zeros(0, 4)})
+    p.crops = [crop]
+    moved = move_data_to_device([p], torch.device("cpu"))
+    assert moved[0].crops == [crop]

@@ -27,7 +27,7 @@ from torch import Tensor
 from dip_r1.data.prompts import smart_resize, to_image_coords, to_model_coords
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning moves a prediction holding crops to the CPU by rebuilding its dataclasses
 class CropGeometry:
     """One crop: its box in source pixels, the size it is shown at, and the frames it maps between.
 
