@@ -139,3 +139,21 @@ def test_zoom_stage_goes_on_from_a_base_and_scores_both_looks(tmp_path, tiny_che
         n for (n, p), q in zip(trained.named_parameters(), before.parameters()) if not torch.equal(p, q)
     ]
     assert any(".visual." in n for n in changed) and any(".language_model." in n for n in changed)
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--start", "nowhere", "--look-mode", "zoom"], "--start nowhere holds no checkpoint"),
+        (["--look-mode", "zoom", "--text-share", "1.5"], "text_share must lie in [0, 1], got 1.5"),
+        (["--look-mode", "zoom", "--max-pixels", "100"], "max_pixels must be at least 1024"),
+        (["--look-mode", "sideways"], "invalid choice: 'sideways'"),
+    ],
+)
+def test_pretrain_refuses_a_bad_flag_in_one_line_before_building(tmp_path, capsys, flags, says):
+    from dip_r1.tiny.pretrain import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "base"), *flags])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()

@@ -32,11 +32,8 @@ in both modes and its held-out scores are given for both on the same images::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +52,7 @@ from dip_r1.tiny.curriculum import (
     stage_source,
     stage_sources,
 )
+from dip_r1.tiny.records import copy_checkpoint, sha256, write_readme
 
 
 @dataclass
@@ -118,6 +116,16 @@ class TinyPretrain:
     held_out_size: tuple[int, int] = (160, 120)
     """Width and height of the held-out sets' images."""
 
+    def __post_init__(self) -> None:
+        if self.look_mode not in ("text", "zoom"):
+            raise ValueError(f"look_mode must be 'text' or 'zoom', got {self.look_mode!r}")
+        if not 0.0 <= self.text_share <= 1.0:
+            raise ValueError(f"text_share must lie in [0, 1], got {self.text_share}")
+        if self.max_looks < 1:
+            raise ValueError(f"max_looks must be at least 1, got {self.max_looks}")
+        if self.max_pixels is not None and self.max_pixels < 1024:
+            raise ValueError(f"max_pixels must be at least 1024 (a 32x32 image), got {self.max_pixels}")
+
     def build(self, path: str | Path) -> Path:
         """Write the checkpoint, ``scores.json`` and ``README.md`` to ``path``; return it."""
         pretrain(path, self)
@@ -155,6 +163,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     from dip_r1.sft import SFTModule
     from dip_r1.tiny.checkpoints import save_tiny
     from dip_r1.tiny.grounding import GroundingHead, grounding_loss, sinusoidal_positions, vision_tower
+    from dip_r1.tiny.zoom_stage import ZoomTeacher
     from dip_r1.zoom.teacher import teacher_logprobs
 
     if c.start:
@@ -164,7 +173,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     torch.manual_seed(c.seed)
     model, processor = load_policy(tmp, freeze_vision=False)
     zooming = c.look_mode == "zoom"
-    teach = ZoomTeacher(processor, model, c) if zooming else None
+    teach = ZoomTeacher(processor, model, c.seed, c.text_share, c.max_looks) if zooming else None
     model.train()
     coordinates = PolicySpec(str(tmp)).data_spec(processor)["coordinates"]
     sft = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids only
@@ -273,73 +282,6 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     return record
 
 
-class ZoomTeacher:
-    """The zoom stage's targets: each batch's as zoom teacher completions (a ``text_share`` of them in the text
-    look), laid out with their crops for teacher forcing (:mod:`dip_r1.zoom.teacher`)."""
-
-    def __init__(self, processor, model, config: TinyPretrain) -> None:
-        from dip_r1.config import SamplingConfig
-        from dip_r1.tokens import TokenIds
-
-        self.processor, self.text_share = processor, config.text_share
-        self.sampling = SamplingConfig(look_mode="zoom", max_looks=config.max_looks)
-        self.tokens = TokenIds.of(model, processor)
-        self.rng = random.Random(config.seed)
-
-    def __call__(self, batch: dict):
-        """``(teacher, grounding)``: the :class:`~dip_r1.zoom.teacher.TeacherBatch` and, for each of its images
-        in order (a prompt's, then its crops'), the grounding target (:func:`crop_grounding_target`)."""
-        from dip_r1.zoom.crops import Zoom
-        from dip_r1.zoom.teacher import teacher_batch, zoom_targets
-
-        zoom = Zoom(batch["sources"], batch["targets"], self.processor, self.sampling, self.tokens)
-        written, grounding = [], []
-        for target, zoomed in zip(batch["targets"], zoom_targets(zoom, self.rng)):
-            text = self.rng.random() < self.text_share
-            written.append(zoomed.text_look if text else zoomed)  # the same look; crops or not after it
-            grounding += [target] + ([] if text else [crop_grounding_target(target, c) for c in zoomed.crops])
-        eos = self.processor.tokenizer.eos_token_id
-        return teacher_batch(zoom, batch["inputs"], written, eos), grounding
-
-
-def crop_grounding_target(target: dict, crop) -> dict:
-    """The grounding target of a crop (:func:`dip_r1.tiny.grounding.cell_targets`): the people whose centre it
-    holds, in its frame.
-
-    >>> from dip_r1.zoom.geometry import CropGeometry
-    >>> crop = CropGeometry((0.0, 0.0, 100.0, 100.0), (64, 64), "relative-1000", (200, 100), (200, 100))
-    >>> t = {"boxes": torch.tensor([[0.0, 0, 250, 500], [400, 0, 600, 1000]]), "coordinates": "relative-1000"}
-    >>> crop_grounding_target(t, crop)["boxes"].tolist()  # the second person's centre lies outside the crop
-    [[0.0, 0.0, 500.0, 500.0]]
-    """
-    boxes = crop.from_image(torch.as_tensor(target["boxes"]).float().reshape(-1, 4).cpu())
-    w, h = crop.space
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-    return {"boxes": boxes[inside], "image_size": (w, h)}
-
-
-def copy_checkpoint(source: str | Path, folder: Path) -> None:
-    """The model and processor files of the checkpoint at ``source`` into ``folder`` (not its README or
-    scores)."""
-    source = Path(source)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"dip_r1.pretrain: --start {source} holds no checkpoint (no config.json)")
-    folder.mkdir(parents=True, exist_ok=True)
-    for file in source.iterdir():
-        if file.is_file() and file.name not in ("README.md", "scores.json"):
-            shutil.copy2(file, folder / file.name)
-
-
-def sha256(path: str | Path) -> str:
-    """The hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stages(text: str) -> list[Stage]:
     return [Stage(*[int(v) for v in part.split(":")]) for part in text.split(",")]
 
@@ -390,7 +332,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = TinyPretrain(
+    if args.start and not (Path(args.start) / "config.json").is_file():
+        parser.error(f"--start {args.start} holds no checkpoint (no config.json)")
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    command = "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    pretrain(args.out, config, command=command)
+
+
+def _config(args: argparse.Namespace) -> TinyPretrain:
+    return TinyPretrain(
         family=args.family,
         size=args.size,
         seed=args.seed,
@@ -412,34 +365,6 @@ def main(argv: list[str] | None = None) -> None:
         crop_grounding=not args.no_crop_grounding,
         warmup=args.warmup,
         held_out_size=args.held_out_size,
-    )
-    command = "python -m dip_r1.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
-    pretrain(args.out, config, command=command)
-
-
-def write_readme(folder: Path, name: str, record: dict, command: str) -> None:
-    """The README beside a built base: how it was made and what it scores."""
-    config, rows = record["config"], []
-    for key, score in record["scores"].items():
-        set_name, _, mode = key.partition("/")
-        s = record["held_out"][set_name]
-        rows.append(
-            f"| {set_name} ({s['min_people']}-{s['max_people']} people, {s['width']}x{s['height']}, {s['n']} "
-            f"images) | {mode or 'text'} | {score['precision']:.3f} | {score['recall']:.3f} | {score['f1']:.3f} | "
-            f"{score['format_valid']:.3f} | {score['distinct_answers']:.3f} |"
-        )
-    origin = f"from `{config['start']}`" if config.get("start") else "from random weights"
-    budget = (
-        f", each image reduced to at most {config['max_pixels']} pixels" if config.get("max_pixels") else ""
-    )
-    (folder / "README.md").write_text(
-        f"# {name}\n\nA tiny {config['family']} ({config['size']}) built {origin} by `dip_r1.pretrain` in "
-        f"{record['steps']} steps ({record['seconds'] / 60:.0f} min), {config.get('look_mode', 'text')} look "
-        f"targets{budget}.\n\n```bash\n{command}\n```\n\nseed {config['seed']}; `model.safetensors` sha256 "
-        f"`{record['sha256']}`.\n\nHeld-out greedy answers (IoU 0.5), with the look given:\n\n"
-        "| set | look | precision | recall | F1 | format valid | distinct answers |\n|---|---|---|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n\nIts prompts use the system prompt `dip_r1.pretrain.TINY_SYSTEM_PROMPT`.\n"
     )
 
 
