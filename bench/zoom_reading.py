@@ -1,0 +1,90 @@
+"""How well a base reads its crops: held-out F1 with the zoom look and with the text look on the same images, and
+how many of the boxes read off a crop (``"region": k``) match a person, against those given in the image frame.
+
+    python bench/zoom_reading.py --model data/tiny-qwen3_vl-zoom [--n 64] [--size 320x240] [--max-pixels 22000]
+
+The held-out sets are ``dip_r1.pretrain``'s (seeds 1000 and 1001, 1-3 and 6-10 people), greedy answers. Prints
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import _common
+import torch
+
+from dip_r1.boxes import box_iou
+from dip_r1.config import SamplingConfig
+from dip_r1.evaluation import DetectionEvaluator, predict
+from dip_r1.models import PolicySpec, load_policy
+from dip_r1.tiny.curriculum import batches, held_out_sets, stage_source
+from dip_r1.tokens import TokenIds
+
+
+def box_matches(predictions) -> dict[str, list[int]]:
+    """``{"region": [matched, all], "image": [...]}``: answer boxes (image frame, regions resolved) whose best
+    IoU with a true box is at least 0.5, split by whether they were read off a crop."""
+    out = {"region": [0, 0], "image": [0, 0]}
+    for p in predictions:
+        answer, truth = p.parsed.answer, torch.as_tensor(p.target["boxes"]).float().reshape(-1, 4)
+        if answer is None or not len(answer):
+            continue
+        regions = p.parsed.regions or [None] * len(answer)
+        best = box_iou(answer.float(), truth).max(dim=1).values if len(truth) else torch.zeros(len(answer))
+        for region, iou in zip(regions, best.tolist()):
+            kind = out["region" if region else "image"]
+            kind[0] += int(iou >= 0.5)
+            kind[1] += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--n", type=int, default=64, help="images per held-out set")
+    p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the held-out images")
+    p.add_argument("--max-pixels", type=int, default=22000, help="the prompt builder's pixel budget")
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--cache", default="data/pretrain-sets")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _common.flush_denormals()
+    start = time.perf_counter()
+    model, processor = load_policy(args.model, freeze_vision=False)
+    model.eval()
+    coordinates = PolicySpec(args.model).data_spec(processor)["coordinates"]
+    tokens = TokenIds.of(model, processor)
+    width, height = (int(v) for v in args.size.split("x"))
+    out: dict = {"model": args.model, "size": [width, height], "max_pixels": args.max_pixels, "n": args.n}
+    for i, (name, stage) in enumerate(held_out_sets(args.n, width, height).items()):
+        source = stage_source(Path(args.cache), "eval", stage, 1000 + i)
+        for mode in ("zoom", "text"):
+            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False, look_mode=mode)
+            evaluator, predictions = DetectionEvaluator(), []
+            for batch in batches(processor, coordinates, [source], 16, 0, False, args.max_pixels, True):
+                found = predict(model, processor, batch, sampling, tokens)
+                for q in found:
+                    q.target = {**q.target, "dataset": "held_out"}
+                evaluator.update(found)
+                predictions += found
+            row = evaluator.compute()["held_out"]
+            result = {k: round(float(row[k]), 3) for k in ("precision", "recall", "f1", "format_valid")}
+            result["crops_per_image"] = round(sum(len(q.crops) for q in predictions) / len(predictions), 3)
+            if mode == "zoom":
+                matches = box_matches(predictions)
+                for kind, (hit, total) in matches.items():
+                    result[f"{kind}_boxes"] = total
+                    result[f"{kind}_box_precision"] = round(hit / total, 3) if total else None
+            out[f"{name}/{mode}"] = result
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""bench/zoom_reading.py: boxes read off a crop are told from image-frame boxes, and the script reports both looks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from dip_r1.evaluation import Prediction
+from dip_r1.rewards.parsing import parse_completion
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("zoom_reading_bench", BENCH / "zoom_reading.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_box_matches_splits_boxes_read_off_a_crop_from_the_others():
+    text = (
+        '<think>x</think><look>[[0, 0, 20, 20]]</look><answer>[{"region": 1, "bbox_2d": [0, 0, 10, 10]}, '
+        '{"region": 1, "bbox_2d": [30, 30, 40, 40]}, {"bbox_2d": [50, 50, 60, 60]}]</answer>'
+    )
+    truth = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 62]])
+    }  # the second: IoU 10/12 with the third
+    p = Prediction(parse_completion(text), torch.zeros(3), torch.zeros(3, 4), torch.zeros(0, 4), truth)
+    assert _load().box_matches([p]) == {"region": [1, 2], "image": [1, 1]}
+
+
+def test_zoom_reading_reports_both_looks(tiny_checkpoint, tmp_path, capsys):
+    bench = _load()
+    try:
+        out = bench.main(
+            [
+                "--model",
+                tiny_checkpoint("qwen3_vl"),
+                "--n",
+                "1",
+                "--max-new-tokens",
+                "6",
+                "--cache",
+                str(tmp_path),
+            ]
+        )
+    finally:  # the bench flushes subnormal floats process-wide
+        torch.set_flush_denormal(False)
+    assert set(out) >= {"few/zoom", "few/text", "crowd/zoom", "crowd/text", "seconds"}
+    assert out["crowd/text"]["crops_per_image"] == 0 and "region_box_precision" in out["crowd/zoom"]
+    assert capsys.readouterr().out.strip().startswith("{")
