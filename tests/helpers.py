@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 from PIL import Image
@@ -152,3 +156,20 @@ def assert_each_eos_stops(module, inputs: dict) -> None:
             suppress=[i for i in range(vocab) if i != eos],
         )
         assert rollout.lengths.tolist() == [1] * 4 and not rollout.truncated.any(), eos
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """The bench module ``bench/<name>.py``, with bench/ on the path while it loads (the scripts import their
+    helper modules by bare name, as when run directly)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load_bench():
-    sys.path.insert(0, str(BENCH))  # the script imports its helper module by bare name, as when run directly
-    try:
-        spec = importlib.util.spec_from_file_location("grpo_step_bench", BENCH / "grpo_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from helpers import load_bench
 
 
 def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
-    bench = _load_bench()
+    bench = load_bench("grpo_step")
     argv = ["--model", tiny_qwen2_vl, "--prompts", "2", "--group", "3", "--max-new-tokens", "4"]
     import torch
 
@@ -42,7 +27,7 @@ def test_grpo_step_bench_prints_its_keys(tiny_qwen2_vl, capsys):
 
 
 def test_grpo_step_bench_with_dynamic_sampling_draws_more_batches(tiny_qwen2_vl, capsys):
-    bench = _load_bench()
+    bench = load_bench("grpo_step")
     argv = [
         "--model",
         tiny_qwen2_vl,
@@ -78,11 +63,7 @@ def test_benchmark_model_sizes():
 
     from dip_r1.tiny import build_config, build_tokenizer
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import _common
-    finally:
-        sys.path.remove(str(BENCH))
+    _common = load_bench("_common")
     tokenizer = build_tokenizer(2048)
     with torch.device("meta"):
         m = AutoModelForImageTextToText.from_config(build_config("qwen2_vl", "m", tokenizer))

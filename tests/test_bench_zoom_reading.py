@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from helpers import load_bench
 
 from dip_r1.evaluation import Prediction
 from dip_r1.rewards.parsing import parse_completion
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("zoom_reading_bench", BENCH / "zoom_reading.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_box_matches_splits_boxes_read_off_a_crop_from_the_others():
@@ -34,11 +18,11 @@ def test_box_matches_splits_boxes_read_off_a_crop_from_the_others():
         "boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 62]])
     }  # the second: IoU 10/12 with the third
     p = Prediction(parse_completion(text), torch.zeros(3), torch.zeros(3, 4), torch.zeros(0, 4), truth)
-    assert _load().box_matches([p]) == {"region": [1, 2], "image": [1, 1]}
+    assert load_bench("zoom_reading").box_matches([p]) == {"region": [1, 2], "image": [1, 1]}
 
 
 def test_zoom_reading_reports_both_looks(tiny_checkpoint, tmp_path, capsys):
-    bench = _load()
+    bench = load_bench("zoom_reading")
     try:
         out = bench.main(
             [

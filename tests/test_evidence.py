@@ -3,35 +3,20 @@ synthetic crowds and on the real-data recipe over the readers' fixture files; it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import load_bench
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
 SETS = ["in_domain", "ood_dense", "ood_scene"]
 METRICS = ["precision", "recall", "f1", "ap50", "ap", "mr2", "format_valid", "look_boxes", "crops"]
 COMPARISONS = ["dip_r1_zoom - sft", "dip_r1_zoom - dip_r1", "dip_r1_zoom - no_look_zoom"]
-
-
-def _bench(name: str):
-    """A bench module by its bare name, as the script imports its helpers when run directly."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _summary_rows(results: dict, arms: list[str], sets: list[str], seeds: int) -> None:
@@ -59,7 +44,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
 
     from dip_r1.models import PolicySpec
 
-    arms = _bench("_evidence_arms")
+    arms = load_bench("_evidence_arms")
     threads = torch.get_num_threads()
     out = tmp_path / "evidence"
     every = [a for a in arms.DEFAULT_ARMS if a != "base_zoom"]  # the default arms but one more untrained one
@@ -75,7 +60,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
         "--arms",
         ",".join(every),
     ]
-    _bench("evidence").main(argv)
+    load_bench("evidence").main(argv)
     assert torch.get_num_threads() == threads  # process-wide settings are handed back
     assert not (tmp_path / "none").exists()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -214,7 +199,7 @@ def test_crowdhuman_recipe_runs_end_to_end_on_the_fixtures(tmp_path, capsys):
         # three CrowdHuman images: at 0.5 each part holds some (the history asserted below needs a validation)
         *("--data.train.0.init_args.fraction", "0.5", "--data.val.0.init_args.fraction", "0.5"),
     ]
-    _bench("evidence").main(argv)
+    load_bench("evidence").main(argv)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     sets = ["in_domain", "ood_citypersons", "ood_widerpedestrian", "ood_uavdt"]
     assert list(summary["f1"]["dip_r1"]) == sets
@@ -236,7 +221,7 @@ def test_crowdhuman_recipe_runs_end_to_end_on_the_fixtures(tmp_path, capsys):
 
 
 def test_summary_over_seeds():
-    stats = _bench("_evidence_stats")
+    stats = load_bench("_evidence_stats")
     assert stats.summary([0.5, 0.7]) == {"mean": 0.6, "std": 0.14142, "seeds": [0.5, 0.7]}  # sample std
     assert stats.summary([0.25]) == {"mean": 0.25, "std": 0.0, "seeds": [0.25]}
     # an undefined metric (AP without ground truth) is null, and left out of the mean
@@ -244,7 +229,7 @@ def test_summary_over_seeds():
 
 
 def test_paired_bootstrap_by_hand():
-    stats = _bench("_evidence_stats")
+    stats = load_bench("_evidence_stats")
     # per image [tp, predictions, ground truth]; F1 = 2 tp / (predictions + ground truth) over the summed images
     a = np.array([[2, 2, 2], [1, 1, 2], [0, 0, 1], [3, 4, 3]], float)  # 12 / 15 = 0.8 ... 2*6 / (7 + 8)
     b = np.array([[1, 2, 2], [1, 3, 2], [0, 1, 1], [2, 2, 3]], float)  # 2*4 / (8 + 8) = 0.5
@@ -269,7 +254,7 @@ def test_paired_bootstrap_by_hand():
 
 
 def test_arms_are_their_text_arm_plus_the_look_mode():
-    arms = _bench("_evidence_arms")
+    arms = load_bench("_evidence_arms")
     for name, arm in arms.ARMS.items():
         if arm.look_mode == "zoom":
             text = arms.ARMS[name.removesuffix("_zoom")]
@@ -305,7 +290,7 @@ def test_arms_are_their_text_arm_plus_the_look_mode():
 def test_best_policy_stops_after_its_patience_once_the_time_is_spent_and_keeps_the_best():
     import torch
 
-    run = _bench("_evidence_run")
+    run = load_bench("_evidence_run")
 
     class Trainer:  # what the callback reads of a Lightning Trainer
         sanity_checking, should_stop, global_step = False, False, 0
@@ -331,7 +316,7 @@ def test_best_policy_stops_after_its_patience_once_the_time_is_spent_and_keeps_t
 
 
 def test_a_missing_base_is_built_by_the_recipes_warm_start(tmp_path):
-    plan = _bench("_evidence_plan")
+    plan = load_bench("_evidence_plan")
     crowd = {
         "root": str(tmp_path / "crowd"),
         "n": 2,
