@@ -11,9 +11,17 @@ The look rule (deterministic; ``rng`` only varies the margin around each group):
 2. The densest group is the person with the most neighbours, with them (the first in target order on ties);
    it needs at least :data:`MIN_GROUP` people: a scene with no such group gets no look.
 3. Its region is the box around the group, grown by a margin of each side (``0.1``; with ``rng``, drawn in
-   ``[0.05, 0.25]``), clipped to the image. A region larger than :data:`MAX_SHARE` of the image (a crop that
-   shows little more than the full view), or one that overlaps an earlier region, is not looked at.
+   ``[0.05, 0.25]``), then grown about its centre to the image's aspect ratio and to at least ``min_size``
+   (shifted back inside the image). A region larger than :data:`MAX_SHARE` of the image (a crop that shows
+   little more than the full view), or one that overlaps an earlier region, is not looked at.
 4. The group's people are then taken, and the rule repeats until ``max_looks`` regions or no group is left.
+
+Why the shape: :func:`zoom_target` gives ``min_size`` as the region that fills the zoom budget at the source's
+own resolution, so a crop is shown exactly as the full view of an image of the budget's size is: the same token
+grid, figures at the scale the base learned to read, never magnified past the source's pixels. (Regions shaped
+like their group gave crops of every grid, figures two to four times the size the base had seen, and the
+tiny base read them at half the precision of the full view; BENCHMARKS.md, "A tiny base that zooms".) A source
+the budget already shows whole gets no look.
 
 A person is answered in crop ``k``'s frame when its whole box lies in the crop (the first such crop); a box cut
 by a crop's edge cannot be read off that crop, so it stays in the image frame.
@@ -21,6 +29,7 @@ by a crop's edge cannot be read off that crop, so it stays in the image frame.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +98,13 @@ def zoom_target(
     name = category or (max(set(labels), key=labels.count) if labels else "object")
     sizes = (target["orig_size"], target["resized_size"], target["coordinates"])
     source = to_image_coords(boxes, *sizes)
-    regions = dense_regions(source, target["orig_size"], max_looks=max_looks, rng=rng)
+    regions = dense_regions(
+        source,
+        target["orig_size"],
+        max_looks=max_looks,
+        rng=rng,
+        min_size=budget_size(target["orig_size"], max_pixels),
+    )
     look = torch.round(to_model_coords(torch.tensor(regions).reshape(-1, 4), *sizes))
     # What the rollout does with the look text: parse it (a box rounded to no area is dropped) and open crops.
     look = parse_completion(format_completion("", look, boxes[:0], [])).look
@@ -120,15 +135,36 @@ def zoom_target(
     return ZoomTarget(text[:cut], crops, text[cut:], plain[plain.index(LOOK_END) + len(LOOK_END) :])
 
 
+def budget_size(size: tuple[int, int], max_pixels: int) -> tuple[float, float]:
+    """``(width, height)`` of the region of an image of ``size`` with the image's aspect ratio that holds
+    ``max_pixels`` source pixels (at most the image): its crop is shown at the source's own resolution.
+
+    >>> [round(v, 1) for v in budget_size((320, 240), 22000)]  # 29% of the image
+    [171.3, 128.5]
+    >>> budget_size((160, 120), 22000)  # the budget shows this source whole: no region is smaller
+    (160.0, 120.0)
+    """
+    width, height = float(size[0]), float(size[1])
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    return width * scale, height * scale
+
+
 def dense_regions(
-    boxes: Tensor, size: tuple[int, int], *, max_looks: int, rng: random.Random | None = None
+    boxes: Tensor,
+    size: tuple[int, int],
+    *,
+    max_looks: int,
+    rng: random.Random | None = None,
+    min_size: tuple[float, float] = (0.0, 0.0),
 ) -> list[tuple[float, float, float, float]]:
     """The regions (source pixels) looked at for people ``boxes`` (source pixels) on an image of ``size``
-    (``(width, height)``), by the module's rule.
+    (``(width, height)``), by the module's rule; each at least ``min_size`` and of the image's aspect ratio.
 
     >>> people = torch.tensor([[10.0, 10, 20, 30], [22, 10, 32, 30], [34, 12, 44, 32], [150, 60, 160, 80]])
-    >>> dense_regions(people, (200, 100), max_looks=2)  # three side by side; the fourth alone: no look
-    [(6.6, 7.8, 47.4, 34.2)]
+    >>> dense_regions(people, (200, 100), max_looks=2)  # three side by side, widened to 2:1; the fourth: no look
+    [(0.6, 7.8, 53.4, 34.2)]
+    >>> dense_regions(people, (200, 100), max_looks=2, min_size=(60, 30))  # grown, then shifted inside
+    [(0.0, 6.0, 60.0, 36.0)]
     """
     width, height = float(size[0]), float(size[1])
     rows = boxes.reshape(-1, 4).tolist()
@@ -145,12 +181,25 @@ def dense_regions(
         x1, y1 = min(rows[j][0] for j in group), min(rows[j][1] for j in group)
         x2, y2 = max(rows[j][2] for j in group), max(rows[j][3] for j in group)
         dx, dy = margin * (x2 - x1), margin * (y2 - y1)
-        region = (max(0.0, x1 - dx), max(0.0, y1 - dy), min(width, x2 + dx), min(height, y2 + dy))
+        region = _shaped(x1 - dx, y1 - dy, x2 + dx, y2 + dy, width, height, min_size)
         area = (region[2] - region[0]) * (region[3] - region[1])
         if area > MAX_SHARE * width * height or any(_overlap(region, r) for r in regions):
             continue
         regions.append(tuple(round(v, 6) for v in region))
     return regions
+
+
+def _shaped(
+    x1: float, y1: float, x2: float, y2: float, width: float, height: float, min_size: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The box grown about its centre to the image's aspect ratio and ``min_size``, shifted inside the image."""
+    w = max(x2 - x1, (y2 - y1) * width / height, min_size[0])
+    h = max(w * height / width, min_size[1])
+    w, h = min(w, width), min(h, height)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left = min(max(0.0, cx - w / 2), width - w)
+    top = min(max(0.0, cy - h / 2), height - h)
+    return left, top, left + w, top + h
 
 
 def _neighbours(i: int, rows: list[list[float]], taken: list[bool]) -> list[int]:
