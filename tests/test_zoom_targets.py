@@ -41,13 +41,22 @@ def test_the_group_is_looked_at_and_answered_off_its_crop_in_pixels():
     # source (36, 74, 232, 170), 196 x 96. Shown within 19200 pixels in 32-multiples: 192 x 96, so
     # x_crop = 192 / 196 (x - 36), y_crop = y - 74.
     t = zoom_target(make_target(PEOPLE, "absolute"), **BUDGET)
-    assert t.look_text == "<think>4 persons, 3 in 1 crowded regions.</think>\n<look>[[18, 37, 116, 85]]</look>"
+    assert (
+        t.look_text == "<think>4 persons, 3 in 1 crowded regions.</think>\n<look>[[18, 37, 116, 85]]</look>"
+    )
     assert [c.box for c in t.crops] == [(36.0, 74.0, 232.0, 170.0)] and t.crops[0].size == (192, 96)
     assert answer_of(t.answer_text) == [
-        {"region": 1, "bbox_2d": [63, 26, 82, 66], "label": "person"},  # 64 * 192 / 196 = 62.7, 84 * .. = 82.3
+        {
+            "region": 1,
+            "bbox_2d": [63, 26, 82, 66],
+            "label": "person",
+        },  # 64 * 192 / 196 = 62.7, 84 * .. = 82.3
         {"region": 1, "bbox_2d": [86, 26, 106, 66], "label": "person"},  # 88 -> 86.2, 108 -> 105.8
         {"region": 1, "bbox_2d": [110, 30, 129, 70], "label": "person"},  # 112 -> 109.7, 132 -> 129.3
-        {"bbox_2d": [150, 10, 160, 30], "label": "person"},  # outside the crop: the image frame, half of source
+        {
+            "bbox_2d": [150, 10, 160, 30],
+            "label": "person",
+        },  # outside the crop: the image frame, half of source
     ]
     assert t.answer_text.startswith("\n<answer>") and t.text == t.look_text + t.answer_text
     # the text look writes the same think and look, then every box in the image frame, in target order
@@ -63,7 +72,10 @@ def test_the_group_is_answered_in_thousandths_of_its_crop():
     assert t.look_text.endswith("<look>[[90, 365, 580, 855]]</look>")
     assert [pytest.approx(c.box) for c in t.crops] == [(36.0, 73.0, 232.0, 171.0)]
     assert [(o.get("region"), o["bbox_2d"]) for o in answer_of(t.answer_text)] == [
-        (1, [327, 276, 429, 684]),  # 64 / 0.196 = 326.5, 27 / 0.098 = 275.5, 84 / .196 = 428.6, 67 / .098 = 683.7
+        (
+            1,
+            [327, 276, 429, 684],
+        ),  # 64 / 0.196 = 326.5, 27 / 0.098 = 275.5, 84 / .196 = 428.6, 67 / .098 = 683.7
         (1, [449, 276, 551, 684]),
         (1, [571, 316, 673, 724]),
         (None, [750, 100, 800, 300]),
@@ -83,7 +95,9 @@ def test_a_crowd_crop_is_shown_as_the_full_view_is():
         target = make_target(torch.tensor(rows), "relative-1000", orig=(320, 240), resized=(160, 128))
         for crop in zoom_target(target, rng=rng, **budget).crops:
             w, h = crop.box[2] - crop.box[0], crop.box[3] - crop.box[1]
-            assert crop.size == (160, 128) and w >= 170 and h >= 127 and w / h == pytest.approx(4 / 3, abs=0.02)
+            assert (
+                crop.size == (160, 128) and w >= 170 and h >= 127 and w / h == pytest.approx(4 / 3, abs=0.02)
+            )
 
 
 @pytest.mark.parametrize("coordinates", ["absolute", "relative-1000"])
@@ -145,6 +159,30 @@ def test_the_margin_is_drawn_from_rng_and_repeats_with_its_seed():
     one = dense_regions(PEOPLE, (400, 200), max_looks=2, rng=random.Random(3))
     assert one == dense_regions(PEOPLE, (400, 200), max_looks=2, rng=random.Random(3))
     # The group spans x 100..168, y 100..144; with margin m it is 44 (1 + 2m) high, widened to 88 (1 + 2m).
-    (x1, _, x2, y2), margin = one[0], (one[0][3] - 144) / 44
+    (x1, _, x2, _), margin = one[0], (one[0][3] - 144) / 44
     assert 0.05 <= margin <= 0.25
-    assert x1 == pytest.approx(134 - 44 * (1 + 2 * margin)) and x2 - x1 == pytest.approx(88 * (1 + 2 * margin))
+    assert x1 == pytest.approx(134 - 44 * (1 + 2 * margin)) and x2 - x1 == pytest.approx(
+        88 * (1 + 2 * margin)
+    )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.sampled_from(["absolute", "relative-1000"]),
+    st.tuples(st.integers(16, 3000), st.integers(16, 3000)),
+    st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.002, 0.3), st.floats(0.002, 0.3)), max_size=12
+    ),
+    st.integers(0, 3),
+)
+def test_any_scene_gives_a_well_formed_target_whose_regions_name_its_crops(coordinates, size, people, seed):
+    w, h = size
+    rows = [[x * w, y * h, min(w, (x + dw) * w), min(h, (y + dh) * h)] for x, y, dw, dh in people]
+    rows = [r for r in rows if r[2] - r[0] >= 1 and r[3] - r[1] >= 1]
+    resized = smart_resize(h, w, 32, 1024, 160 * 120)[::-1]
+    target = make_target(torch.tensor(rows).reshape(-1, 4), coordinates, orig=size, resized=resized)
+    t = zoom_target(target, rng=random.Random(seed), **BUDGET)
+    parsed = parse_completion(t.text)
+    assert parsed.well_formed and len(t.crops) <= 2
+    resolved = resolve_regions(parsed, t.crops)
+    assert resolved.well_formed and torch.isfinite(resolved.answer).all()
