@@ -13,7 +13,8 @@ The look rule (deterministic; ``rng`` only varies the margin around each group):
 3. Its region is the box around the group, grown by a margin of each side (``0.1``; with ``rng``, drawn in
    ``[0.05, 0.25]``), then grown about its centre to the image's aspect ratio and to at least ``min_size``
    (shifted back inside the image). A region larger than :data:`MAX_SHARE` of the image (a crop that shows
-   little more than the full view), or one that overlaps an earlier region, is not looked at.
+   little more than the full view), or one sharing more than :data:`MAX_OVERLAP` of its area with an earlier
+   region, is not looked at.
 4. The group's people are then taken, and the rule repeats until ``max_looks`` regions or no group is left.
 
 Why the shape: :func:`zoom_target` gives ``min_size`` as the region that fills the zoom budget at the source's
@@ -46,6 +47,9 @@ MIN_GROUP = 2
 """The fewest people a looked-at group holds."""
 MAX_SHARE = 0.5
 """A region covering more than this share of the image is not looked at."""
+MAX_OVERLAP = 0.25
+"""A region may share at most this share of its area with an earlier one (so two crops of the budget's size fit
+side by side on an image of about twice the budget)."""
 LOOK_END = "</look>"
 
 
@@ -183,7 +187,7 @@ def dense_regions(
         dx, dy = margin * (x2 - x1), margin * (y2 - y1)
         region = _shaped(x1 - dx, y1 - dy, x2 + dx, y2 + dy, width, height, min_size)
         area = (region[2] - region[0]) * (region[3] - region[1])
-        if area > MAX_SHARE * width * height or any(_overlap(region, r) for r in regions):
+        if area > MAX_SHARE * width * height or any(_overlap(region, r) > MAX_OVERLAP * area for r in regions):
             continue
         regions.append(tuple(round(v, 6) for v in region))
     return regions
@@ -214,8 +218,9 @@ def _neighbours(i: int, rows: list[list[float]], taken: list[bool]) -> list[int]
     return group
 
 
-def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """The area two boxes share."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _first_crop(box: list[float], crops: list[CropGeometry], tolerance: float = 0.5) -> int | None:
