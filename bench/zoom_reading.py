@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=64, help="images per held-out set")
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the held-out images")
     p.add_argument("--max-pixels", type=int, default=22000, help="the prompt builder's pixel budget")
+    p.add_argument(
+        "--zoom-max-pixels", type=int, default=None, help="a crop's pixel budget (default: the prompt's)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=400)
     p.add_argument("--cache", default="data/pretrain-sets")
     p.add_argument("--threads", type=int, default=1)
@@ -61,10 +64,16 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = TokenIds.of(model, processor)
     width, height = (int(v) for v in args.size.split("x"))
     out: dict = {"model": args.model, "size": [width, height], "max_pixels": args.max_pixels, "n": args.n}
+    out["zoom_max_pixels"] = args.zoom_max_pixels
     for i, (name, stage) in enumerate(held_out_sets(args.n, width, height).items()):
         source = stage_source(Path(args.cache), "eval", stage, 1000 + i)
         for mode in ("zoom", "text"):
-            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False, look_mode=mode)
+            sampling = SamplingConfig(
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                look_mode=mode,
+                zoom_max_pixels=args.zoom_max_pixels,
+            )
             evaluator, predictions = DetectionEvaluator(), []
             for batch in batches(processor, coordinates, [source], 16, 0, False, args.max_pixels, True):
                 found = predict(model, processor, batch, sampling, tokens)

@@ -102,3 +102,19 @@ def test_sft_in_zoom_mode_trains_on_the_zoom_teacher_completions(tiny_qwen2_vl):
     logp = teacher_logprobs(module.policy, expected)
     assert torch.allclose(loss, -logp[expected.supervised].mean(), atol=1e-6)
     assert any(c for c in [z.crops for z in zoom_targets(zoom)])  # the targets open crops
+
+
+def test_a_crop_budget_past_the_image_processor_is_capped_at_it(tiny_checkpoint):
+    # The image processor reduces an image of more than its max_pixels again; a crop shown at a size it then
+    # changes would be read in a frame the model never saw. The budget is capped, so the shown size is encoded.
+    model, processor = load_policy(tiny_checkpoint("qwen3_vl"), freeze_vision=False)
+    inputs, sources, targets = zoom_batch(processor, "relative-1000", boxes=PEOPLE)
+    cap = processor.image_processor.size.longest_edge
+    sampling = SamplingConfig(look_mode="zoom", zoom_max_pixels=cap * 4)
+    zoom = Zoom(sources, targets, processor, sampling, TokenIds.of(model, processor))
+    assert zoom.processor_max_pixels == cap and zoom.crop_settings(0)["max_pixels"] == cap
+    crops = zoom.open(0, processor.tokenizer("<look>[[0, 0, 1000, 1000]]</look>")["input_ids"])
+    _, grid = zoom.pixels(0, crops)
+    patch = processor.image_processor.patch_size
+    assert crops[0].size[0] * crops[0].size[1] <= cap
+    assert grid[0].tolist() == [1, crops[0].size[1] // patch, crops[0].size[0] // patch]

@@ -66,6 +66,7 @@ class Zoom:
         self.sampling = sampling
         self.tokens = tokens
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
+        self.processor_max_pixels = processor_max_pixels(self.image_processor)
         self._gt = _tokens_with_gt(self.tokenizer)
 
     def spells_gt(self, token: int) -> bool:
@@ -75,11 +76,16 @@ class Zoom:
     def max_block_tokens(self) -> int:
         """The most tokens the crops of one completion take (every prompt's budget, ``max_looks`` crops)."""
         most = 0
-        for target in self.targets:
-            factor, _, max_pixels = target["resize"]
-            budget = self.sampling.zoom_max_pixels or max_pixels
-            most = max(most, self.sampling.max_looks * (budget // factor**2 + 2))
+        for prompt, target in enumerate(self.targets):
+            factor = target["resize"][0]
+            most = max(most, self.sampling.max_looks * (self._budget(prompt) // factor**2 + 2))
         return most
+
+    def _budget(self, prompt: int) -> int:
+        """A crop's pixels: ``zoom_max_pixels`` (None: the prompt's budget), at most what the image processor
+        takes without reducing the crop again (its ``max_pixels``), so that the shown size is the encoded one."""
+        budget = self.sampling.zoom_max_pixels or self.targets[prompt]["resize"][2]
+        return min(budget, self.processor_max_pixels or budget)
 
     def closed_look(self, ids: Sequence[int]) -> bool:
         """Whether a completion's tokens so far (its last few suffice) spell ``</look>``."""
@@ -87,9 +93,10 @@ class Zoom:
 
     def crop_settings(self, prompt: int) -> dict[str, Any]:
         """How prompt ``prompt``'s crops are opened: ``max_looks``, ``min_side`` and the resize of a crop
-        (``factor``, ``min_pixels``, ``max_pixels``: the prompt's, capped at ``zoom_max_pixels``)."""
-        factor, min_pixels, max_pixels = self.targets[prompt]["resize"]
-        budget = self.sampling.zoom_max_pixels or max_pixels
+        (``factor``, ``min_pixels``, ``max_pixels``: ``zoom_max_pixels`` or the prompt's, within the image
+        processor's)."""
+        factor, min_pixels, _ = self.targets[prompt]["resize"]
+        budget = self._budget(prompt)
         return {
             "max_looks": self.sampling.max_looks,
             "min_side": self.sampling.zoom_min_side,
@@ -118,6 +125,16 @@ class Zoom:
         for t, h, w in grid_thw.tolist():
             ids += [start] + [pad] * (t * h * w // self.merge**2) + [end]
         return ids
+
+
+def processor_max_pixels(image_processor: Any) -> int | None:
+    """The most pixels the image processor keeps before reducing an image (``max_pixels``, or its ``size``'s
+    ``longest_edge`` as the Qwen-VL processors of transformers 5 name it); None when it does not say."""
+    value = getattr(image_processor, "max_pixels", None)
+    if value is None:
+        size = getattr(image_processor, "size", None)
+        value = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    return int(value) if value else None
 
 
 def zoom_of(
