@@ -1,5 +1,6 @@
 """How well a base reads its crops: held-out F1 with the zoom look and with the text look on the same images, and
-how many of the boxes read off a crop (``"region": k``) match a person, against those given in the image frame.
+how many of the boxes read off a crop (``"region": k``) match a person, against those given in the image frame,
+and how many boxes repeat an earlier one of the same answer.
 
     python bench/zoom_reading.py --model data/tiny-qwen3_vl-zoom [--n 64] [--size 320x240] [--max-pixels 22000]
 
@@ -23,6 +24,21 @@ from dip_r1.evaluation import DetectionEvaluator, predict
 from dip_r1.models import PolicySpec, load_policy
 from dip_r1.tiny.curriculum import batches, held_out_sets, stage_source
 from dip_r1.tokens import TokenIds
+
+
+def duplicate_share(predictions, iou: float = 0.5) -> float:
+    """The share of answer boxes (image frame, regions resolved) that overlap an earlier box of the same answer
+    at IoU ``iou`` or more: a person answered twice (e.g. off a crop and again in the image frame), which the
+    one-to-one matching counts as a false positive."""
+    twice = total = 0
+    for p in predictions:
+        answer = p.parsed.answer
+        if answer is None or not len(answer):
+            continue
+        overlap = box_iou(answer.float(), answer.float()).tril(diagonal=-1)
+        twice += int((overlap >= iou).any(dim=1).sum())
+        total += len(answer)
+    return twice / total if total else 0.0
 
 
 def box_matches(predictions) -> dict[str, list[int]]:
@@ -84,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = evaluator.compute()["held_out"]
             result = {k: round(float(row[k]), 3) for k in ("precision", "recall", "f1", "format_valid")}
             result["crops_per_image"] = round(sum(len(q.crops) for q in predictions) / len(predictions), 3)
+            result["duplicate_share"] = round(duplicate_share(predictions), 3)
             if mode == "zoom":
                 matches = box_matches(predictions)
                 for kind, (hit, total) in matches.items():

@@ -20,11 +20,12 @@ no two stand together), the crops are inserted after ``</look>`` exactly as the 
 people inside a crop are answered in its frame with ``"region": k``, the rest in the image frame. With
 ``--max-pixels`` below the images' size (``--scales 1,2``: some images twice the budget's side), the full view
 loses detail that a crop gives back. A ``--text-share`` of the targets keep the text look, so the base answers
-in both modes and its held-out scores are given for both on the same images::
+in both modes and its held-out scores are given for both on the same images. The first of the committed zoom
+base's three stages (``data/tiny-qwen3_vl-zoom/README.md`` has all three)::
 
-    python -m dip_r1.pretrain --out data/tiny-qwen3_vl-zoom --start data/tiny-qwen3_vl-seeing --look-mode zoom \
-        --stages 1500:1:10:8000:160:120 --scales 1,2 --max-pixels 22000 --vision-warmup 0 --lr 5e-4 \
-        --vision-lr 5e-4 --held-out-size 320x240 --eval-every 750
+    python -m dip_r1.pretrain --out data/tiny-qwen3_vl-zoom-stage1 --start data/tiny-qwen3_vl-seeing \
+        --look-mode zoom --stages 1500:1:10:8000:160:120 --scales 1,2 --max-pixels 22000 --vision-warmup 0 \
+        --lr 5e-4 --vision-lr 5e-4 --warmup 50 --held-out-size 320x240 --eval-every 750
 
 :class:`TinyPretrain` is the same as a ``warm_start`` (:class:`~dip_r1.models.CheckpointBuilder`).
 """
