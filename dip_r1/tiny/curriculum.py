@@ -111,7 +111,12 @@ def batches(
 
 @torch.no_grad()
 def evaluate(
-    model, processor, loader, max_new_tokens: int = 320, look_mode: str = "text"
+    model,
+    processor,
+    loader,
+    max_new_tokens: int = 320,
+    look_mode: str = "text",
+    zoom_max_pixels: int | None = None,
 ) -> dict[str, float]:
     """Greedy answers, decoded and measured as ``dip-r1 validate`` does (:func:`dip_r1.evaluation.predict`), with
     the look of ``look_mode`` (``"zoom"`` needs batches that keep their sources):
@@ -125,7 +130,12 @@ def evaluate(
     model.eval()
     evaluator, texts = DetectionEvaluator(), []
     sampling, tokens = (
-        SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, look_mode=look_mode),
+        SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            look_mode=look_mode,
+            zoom_max_pixels=zoom_max_pixels,
+        ),
         TokenIds.of(model, processor),
     )
     for batch in loader:

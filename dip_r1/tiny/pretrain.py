@@ -112,6 +112,8 @@ class TinyPretrain:
     reduced, as real photos are, and a crop of the source holds detail the full view lost."""
     max_looks: int = 2
     """Zoom: the most crops a target opens (the rollout's ``sampling.max_looks``)."""
+    zoom_max_pixels: int | None = None
+    """Zoom: a crop's pixel budget (the rollout's ``sampling.zoom_max_pixels``; None: the prompt's)."""
     crop_grounding: bool = True
     """Zoom: the grounding loss also on the crops (the people whose centre each holds, in its frame)."""
     held_out_size: tuple[int, int] = (160, 120)
@@ -174,7 +176,11 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
     torch.manual_seed(c.seed)
     model, processor = load_policy(tmp, freeze_vision=False)
     zooming = c.look_mode == "zoom"
-    teach = ZoomTeacher(processor, model, c.seed, c.text_share, c.max_looks) if zooming else None
+    teach = (
+        ZoomTeacher(processor, model, c.seed, c.text_share, c.max_looks, c.zoom_max_pixels)
+        if zooming
+        else None
+    )
     model.train()
     coordinates = PolicySpec(str(tmp)).data_spec(processor)["coordinates"]
     sft = SFTModule(PolicySpec(str(tmp)), max_target_tokens=1024)  # its target_ids only
@@ -203,7 +209,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
                     c.max_pixels, zooming,
                 )  # fmt: skip
                 key = f"{name}/{mode}" if zooming else name
-                scores[key] = evaluate(model, processor, loader, 320 + 80 * zooming, mode)
+                scores[key] = evaluate(model, processor, loader, 320 + 80 * zooming, mode, c.zoom_max_pixels)
         return scores
 
     def elapsed() -> float:
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-share", type=float, default=d.text_share)
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels)
     parser.add_argument("--max-looks", type=int, default=d.max_looks)
+    parser.add_argument("--zoom-max-pixels", type=int, default=d.zoom_max_pixels)
     parser.add_argument(
         "--no-crop-grounding", action="store_true", help="zoom: the grounding loss on the prompt images only"
     )
@@ -363,6 +370,7 @@ def _config(args: argparse.Namespace) -> TinyPretrain:
         text_share=args.text_share,
         max_pixels=args.max_pixels,
         max_looks=args.max_looks,
+        zoom_max_pixels=args.zoom_max_pixels,
         crop_grounding=not args.no_crop_grounding,
         warmup=args.warmup,
         held_out_size=args.held_out_size,

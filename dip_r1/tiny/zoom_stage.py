@@ -18,9 +18,17 @@ class ZoomTeacher:
     """The zoom stage's targets: each batch's as zoom teacher completions (a ``text_share`` of them in the text
     look), laid out with their crops for teacher forcing (:mod:`dip_r1.zoom.teacher`)."""
 
-    def __init__(self, processor, model, seed: int, text_share: float, max_looks: int) -> None:
+    def __init__(
+        self,
+        processor,
+        model,
+        seed: int,
+        text_share: float,
+        max_looks: int,
+        zoom_max_pixels: int | None = None,
+    ) -> None:
         self.processor, self.text_share = processor, text_share
-        self.sampling = SamplingConfig(look_mode="zoom", max_looks=max_looks)
+        self.sampling = SamplingConfig(look_mode="zoom", max_looks=max_looks, zoom_max_pixels=zoom_max_pixels)
         self.tokens = TokenIds.of(model, processor)
         self.rng = random.Random(seed)
 

@@ -101,13 +101,17 @@ def zoom_target(
     labels = list(target.get("labels") or ["object"] * len(boxes))
     name = category or (max(set(labels), key=labels.count) if labels else "object")
     sizes = (target["orig_size"], target["resized_size"], target["coordinates"])
+    # The full view's budget (the prompt's; the crop's when the target does not say): a region holds at least
+    # that many source pixels, so a crop shows the source at its own resolution, or magnified past it when the
+    # crop's budget (``max_pixels``) is larger.
+    prompt_pixels = target["resize"][2] if "resize" in target else max_pixels
     source = to_image_coords(boxes, *sizes)
     regions = dense_regions(
         source,
         target["orig_size"],
         max_looks=max_looks,
         rng=rng,
-        min_size=budget_size(target["orig_size"], max_pixels),
+        min_size=budget_size(target["orig_size"], prompt_pixels),
     )
     look = torch.round(to_model_coords(torch.tensor(regions).reshape(-1, 4), *sizes))
     # What the rollout does with the look text: parse it (a box rounded to no area is dropped) and open crops.
@@ -187,7 +191,9 @@ def dense_regions(
         dx, dy = margin * (x2 - x1), margin * (y2 - y1)
         region = _shaped(x1 - dx, y1 - dy, x2 + dx, y2 + dy, width, height, min_size)
         area = (region[2] - region[0]) * (region[3] - region[1])
-        if area > MAX_SHARE * width * height or any(_overlap(region, r) > MAX_OVERLAP * area for r in regions):
+        if area > MAX_SHARE * width * height or any(
+            _overlap(region, r) > MAX_OVERLAP * area for r in regions
+        ):
             continue
         regions.append(tuple(round(v, 6) for v in region))
     return regions
