@@ -147,6 +147,7 @@ def test_zoom_stage_goes_on_from_a_base_and_scores_both_looks(tmp_path, tiny_che
         (["--start", "nowhere", "--look-mode", "zoom"], "--start nowhere holds no checkpoint"),
         (["--look-mode", "zoom", "--text-share", "1.5"], "text_share must lie in [0, 1], got 1.5"),
         (["--look-mode", "zoom", "--max-pixels", "100"], "max_pixels must be at least 1024"),
+        (["--look-mode", "zoom", "--zoom-max-pixels", "10"], "zoom_max_pixels must be at least 1024"),
         (["--look-mode", "sideways"], "invalid choice: 'sideways'"),
     ],
 )

@@ -186,3 +186,18 @@ def test_any_scene_gives_a_well_formed_target_whose_regions_name_its_crops(coord
     assert parsed.well_formed and len(t.crops) <= 2
     resolved = resolve_regions(parsed, t.crops)
     assert resolved.well_formed and torch.isfinite(resolved.answer).all()
+
+
+def test_a_crop_budget_larger_than_the_prompts_magnifies_past_the_source():
+    # The region holds the prompt's budget (its "resize"), not the crop's: with a crop budget four times the
+    # prompt's, a region of the 320 x 240 source of 171 x 128 is shown at 320 x 256, twice the source.
+    target = make_target(
+        torch.tensor([[100.0, 100, 120, 140], [124, 100, 144, 140]]), "relative-1000", (320, 240)
+    )
+    target["resize"] = (32, 1024, 22000)
+    (crop,) = zoom_target(target, factor=32, min_pixels=1024, max_pixels=4 * 22000).crops
+    w, h = crop.box[2] - crop.box[0], crop.box[3] - crop.box[1]
+    assert 170 <= w <= 173 and 127 <= h <= 130 and crop.size == (320, 256)
+    # Without a prompt budget the crop's stands for it: the region is then the whole image, so no look.
+    del target["resize"]
+    assert zoom_target(target, factor=32, min_pixels=1024, max_pixels=4 * 22000).crops == []

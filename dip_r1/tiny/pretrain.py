@@ -128,6 +128,10 @@ class TinyPretrain:
             raise ValueError(f"max_looks must be at least 1, got {self.max_looks}")
         if self.max_pixels is not None and self.max_pixels < 1024:
             raise ValueError(f"max_pixels must be at least 1024 (a 32x32 image), got {self.max_pixels}")
+        if self.zoom_max_pixels is not None and self.zoom_max_pixels < 1024:
+            raise ValueError(
+                f"zoom_max_pixels must be at least 1024 (a 32x32 crop), got {self.zoom_max_pixels}"
+            )
 
     def build(self, path: str | Path) -> Path:
         """Write the checkpoint, ``scores.json`` and ``README.md`` to ``path``; return it."""
