@@ -17,9 +17,10 @@ The look rule (deterministic; ``rng`` only varies the margin around each group):
    region, is not looked at.
 4. The group's people are then taken, and the rule repeats until ``max_looks`` regions or no group is left.
 
-Why the shape: :func:`zoom_target` gives ``min_size`` as the region that fills the zoom budget at the source's
-own resolution, so a crop is shown exactly as the full view of an image of the budget's size is: the same token
-grid, figures at the scale the base learned to read, never magnified past the source's pixels. (Regions shaped
+Why the shape: :func:`zoom_target` gives ``min_size`` as the region that holds the prompt's pixel budget (the
+full view's) at the source's own resolution, so with the default crop budget a crop is shown exactly as the full
+view of an image of the budget's size is: the same token grid, figures at the scale the base learned to read,
+not magnified past the source's pixels (a ``zoom_max_pixels`` above the prompt's budget magnifies further). (Regions shaped
 like their group gave crops of every grid, figures two to four times the size the base had seen, and the
 tiny base read them at half the precision of the full view; BENCHMARKS.md, "A tiny base that zooms".) A source
 the budget already shows whole gets no look.
