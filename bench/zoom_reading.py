@@ -71,6 +71,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache", default="data/pretrain-sets")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model} holds no checkpoint (no config.json)")
+    for flag, value in (
+        ("--n", args.n),
+        ("--max-pixels", args.max_pixels),
+        ("--zoom-max-pixels", args.zoom_max_pixels),
+    ):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if min(width, height) < 1:
+        p.error(f"--size must be positive, got {args.size!r}")
     torch.set_num_threads(args.threads)
     _common.flush_denormals()
     start = time.perf_counter()
@@ -78,7 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     coordinates = PolicySpec(args.model).data_spec(processor)["coordinates"]
     tokens = TokenIds.of(model, processor)
-    width, height = (int(v) for v in args.size.split("x"))
     out: dict = {"model": args.model, "size": [width, height], "max_pixels": args.max_pixels, "n": args.n}
     out["zoom_max_pixels"] = args.zoom_max_pixels
     for i, (name, stage) in enumerate(held_out_sets(args.n, width, height).items()):

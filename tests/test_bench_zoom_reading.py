@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import load_bench
 
@@ -41,3 +42,32 @@ def test_zoom_reading_reports_both_looks(tiny_checkpoint, tmp_path, capsys):
     assert set(out) >= {"few/zoom", "few/text", "crowd/zoom", "crowd/text", "seconds"}
     assert out["crowd/text"]["crops_per_image"] == 0 and "region_box_precision" in out["crowd/zoom"]
     assert capsys.readouterr().out.strip().startswith("{")
+
+
+def test_duplicate_share_counts_boxes_that_repeat_an_earlier_one():
+    # Three boxes: the second repeats the first (IoU 100/110 = 0.91), the third stands alone.
+    text = '<think>x</think><look>[]</look><answer>[{"bbox_2d": [0, 0, 10, 10]}, {"bbox_2d": [0, 0, 10, 11]}, {"bbox_2d": [50, 50, 60, 60]}]</answer>'
+    p = Prediction(
+        parse_completion(text),
+        torch.zeros(3),
+        torch.zeros(3, 4),
+        torch.zeros(0, 4),
+        {"boxes": torch.zeros(0, 4)},
+    )
+    assert load_bench("zoom_reading").duplicate_share([p]) == 1 / 3
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--size", "320by240"], "--size must be WIDTHxHEIGHT"),
+        (["--model", "nowhere"], "--model nowhere holds no checkpoint"),
+        (["--zoom-max-pixels", "0"], "--zoom-max-pixels must be at least 1"),
+    ],
+)
+def test_zoom_reading_refuses_a_bad_flag_in_one_line(tiny_checkpoint, capsys, flags, says):
+    argv = ["--model", tiny_checkpoint("qwen3_vl"), *flags]
+    with pytest.raises(SystemExit):
+        load_bench("zoom_reading").main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1]
