@@ -3,6 +3,10 @@ how many of the boxes read off a crop (``"region": k``) match a person, against 
 and how many boxes repeat an earlier one of the same answer.
 
     python bench/zoom_reading.py --model data/tiny-qwen3_vl-zoom [--n 64] [--size 320x240] [--max-pixels 22000]
+        [--figure-scale 1] [--groups 0]
+
+``--figure-scale 0.5`` draws figures half as tall (small against the pixel budget: the full view loses them and
+a crop gives them back); ``--groups`` stands them in tight groups.
 
 The held-out sets are ``dip_r1.pretrain``'s (seeds 1000 and 1001, 1-3 and 6-10 people), greedy answers. Prints
 one JSON object.
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True)
     p.add_argument("--n", type=int, default=64, help="images per held-out set")
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the held-out images")
+    p.add_argument("--figure-scale", type=float, default=1.0, help="figure heights times this, in (0, 2]")
+    p.add_argument("--groups", type=int, default=0, help="figures stand in this many tight groups")
     p.add_argument("--max-pixels", type=int, default=22000, help="the prompt builder's pixel budget")
     p.add_argument(
         "--zoom-max-pixels", type=int, default=None, help="a crop's pixel budget (default: the prompt's)"
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
+    if not 0 < args.figure_scale <= 2:
+        p.error(f"--figure-scale must lie in (0, 2], got {args.figure_scale}")
+    if args.groups < 0:
+        p.error(f"--groups must be at least 0, got {args.groups}")
     if min(width, height) < 1:
         p.error(f"--size must be positive, got {args.size!r}")
     torch.set_num_threads(args.threads)
@@ -95,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = TokenIds.of(model, processor)
     out: dict = {"model": args.model, "size": [width, height], "max_pixels": args.max_pixels, "n": args.n}
     out["zoom_max_pixels"] = args.zoom_max_pixels
-    for i, (name, stage) in enumerate(held_out_sets(args.n, width, height).items()):
+    out["figure_scale"], out["groups"] = args.figure_scale, args.groups
+    sets = held_out_sets(args.n, width, height, args.figure_scale, args.groups)
+    for i, (name, stage) in enumerate(sets.items()):
         source = stage_source(Path(args.cache), "eval", stage, 1000 + i)
         for mode in ("zoom", "text"):
             sampling = SamplingConfig(

@@ -149,6 +149,9 @@ def test_zoom_stage_goes_on_from_a_base_and_scores_both_looks(tmp_path, tiny_che
         (["--look-mode", "zoom", "--max-pixels", "100"], "max_pixels must be at least 1024"),
         (["--look-mode", "zoom", "--zoom-max-pixels", "10"], "zoom_max_pixels must be at least 1024"),
         (["--look-mode", "sideways"], "invalid choice: 'sideways'"),
+        (["--stages", "10:1"], "a stage is steps:min:max"),
+        (["--styles", "0.5"], "a style is figure_scale:groups"),
+        (["--styles", "1:0,3:2"], "a style's figure_scale lies in (0, 2]"),
     ],
 )
 def test_pretrain_refuses_a_bad_flag_in_one_line_before_building(tmp_path, capsys, flags, says):
@@ -158,3 +161,21 @@ def test_pretrain_refuses_a_bad_flag_in_one_line_before_building(tmp_path, capsy
         main(["--out", str(tmp_path / "base"), *flags])
     assert stop.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "base").exists()
+
+
+def test_a_styled_stage_draws_smaller_figures_in_its_own_folder(tmp_path):
+    from dip_r1.tiny.curriculum import Stage, stage_sources
+
+    stage = Stage(0, 4, 4, 4, 160, 120)
+    assert [s.root.name for s in stage_sources(tmp_path, stage, 3, [1.0])] == ["train-4-4-160x120-n4-s3"]
+    plain, small = stage_sources(tmp_path, stage, 3, [1.0], [(1.0, 0), (0.5, 1)])
+    assert (
+        plain.root.name == "train-4-4-160x120-n2-s3"
+        and small.root.name == "train-4-4-160x120-f0.5-g1-n2-s7922"
+    )
+
+    def mean_height(source) -> float:
+        heights = [float(b[3] - b[1]) for s in source for b in s.boxes]
+        return sum(heights) / len(heights)
+
+    assert mean_height(small) < 0.7 * mean_height(plain)

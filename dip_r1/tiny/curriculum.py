@@ -30,6 +30,16 @@ class Stage:
     """Image width."""
     height: int = 120
     """Image height."""
+    figure_scale: float = 1.0
+    """Figure heights times this (< 1: figures small against the image, so the full view loses them and a crop
+    gives them back; :class:`~dip_r1.data.synthetic.SceneStyle`)."""
+    groups: int = 0
+    """Figures stand in this many tight groups (0: anywhere)."""
+
+    @property
+    def styled(self) -> bool:
+        """Whether the stage's scenes differ from the generator's default style."""
+        return self.figure_scale != 1.0 or self.groups != 0
 
 
 def default_curriculum() -> list[Stage]:
@@ -37,14 +47,25 @@ def default_curriculum() -> list[Stage]:
     return [Stage(700, 1, 1, 3500), Stage(3800, 1, 3, 9000), Stage(2500, 1, 8, 7000)]
 
 
-def held_out_sets(n: int = 64, width: int = 160, height: int = 120) -> dict[str, Stage]:
+def held_out_sets(
+    n: int = 64, width: int = 160, height: int = 120, figure_scale: float = 1.0, groups: int = 0
+) -> dict[str, Stage]:
     """The held-out sets the scores are reported on (seeds 1000 and 1001, never trained on)."""
-    return {"few": Stage(0, 1, 3, n, width, height), "crowd": Stage(0, 6, 10, n, width, height)}
+    style = (figure_scale, groups)
+    return {
+        "few": Stage(0, 1, 3, n, width, height, *style),
+        "crowd": Stage(0, 6, 10, n, width, height, *style),
+    }
 
 
-def stage_sources(cache: Path, stage: Stage, seed: int, scales: list[float]) -> list:
-    """The stage's training images split evenly among ``scales`` of its size (the k-th with seed ``seed + 7919 k``:
-    one scale gives the set of ``seed``, and no scale's set is a held-out set's)."""
+def stage_sources(
+    cache: Path, stage: Stage, seed: int, scales: list[float], styles: list[tuple[float, int]] | None = None
+) -> list:
+    """The stage's training images split evenly among ``scales`` of its size and ``styles``
+    (``(figure_scale, groups)``; default: the stage's own), the k-th set with seed ``seed + 7919 k``: one scale and
+    style give the set of ``seed``, and no set is a held-out set's."""
+    styles = styles or [(stage.figure_scale, stage.groups)]
+    sets = [(scale, style) for style in styles for scale in scales]
     return [
         stage_source(
             cache,
@@ -53,21 +74,26 @@ def stage_sources(cache: Path, stage: Stage, seed: int, scales: list[float]) -> 
                 stage.steps,
                 stage.min_people,
                 stage.max_people,
-                stage.n // len(scales),
+                stage.n // len(sets),
                 round(stage.width * scale),
                 round(stage.height * scale),
+                *style,
             ),
             seed + 7919 * k,
         )
-        for k, scale in enumerate(scales)
+        for k, (scale, style) in enumerate(sets)
     ]
 
 
 def stage_source(cache: Path, tag: str, stage: Stage, seed: int):
     from dip_r1.data.sources.synthetic import SyntheticCrowd
+    from dip_r1.data.synthetic import SceneStyle
 
+    # A styled stage gets its own folder; the default style keeps the names of the sets already cached.
+    style = f"-f{stage.figure_scale:g}-g{stage.groups}" if stage.styled else ""
     root = (
-        cache / f"{tag}-{stage.min_people}-{stage.max_people}-{stage.width}x{stage.height}-n{stage.n}-s{seed}"
+        cache
+        / f"{tag}-{stage.min_people}-{stage.max_people}-{stage.width}x{stage.height}{style}-n{stage.n}-s{seed}"
     )
     return SyntheticCrowd(
         root=str(root),
@@ -78,6 +104,7 @@ def stage_source(cache: Path, tag: str, stage: Stage, seed: int):
         min_people=stage.min_people,
         max_people=stage.max_people,
         name=tag,
+        style=SceneStyle(figure_scale=stage.figure_scale, groups=stage.groups) if stage.styled else None,
     )
 
 

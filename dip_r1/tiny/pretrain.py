@@ -19,7 +19,9 @@ by teacher forcing (:mod:`dip_r1.zoom.teacher`): each target looks at the denses
 no two stand together), the crops are inserted after ``</look>`` exactly as the rollout inserts them, and the
 people inside a crop are answered in its frame with ``"region": k``, the rest in the image frame. With
 ``--max-pixels`` below the images' size (``--scales 1,2``: some images twice the budget's side), the full view
-loses detail that a crop gives back. A ``--text-share`` of the targets keep the text look, so the base answers
+loses detail that a crop gives back; but the generator draws figures in proportion to the image, so only
+figures small against the budget (``--styles 1:0,0.5:2``: half of the scenes with figures half as tall, in two
+tight groups) lose what a crop gives back. A ``--text-share`` of the targets keep the text look, so the base answers
 in both modes and its held-out scores are given for both on the same images. The first of the committed zoom
 base's three stages (``data/tiny-qwen3_vl-zoom/README.md`` has all three)::
 
@@ -71,6 +73,10 @@ class TinyPretrain:
     """The curriculum, in order."""
     scales: list[float] = field(default_factory=lambda: [1.0])
     """Sizes of each stage's images, as factors of its width and height, its images split evenly among them."""
+    styles: list[tuple[float, int]] = field(default_factory=lambda: [(1.0, 0)])
+    """``(figure_scale, groups)`` of each stage's scenes, its images split evenly among them (and the sizes):
+    ``(0.5, 2)`` draws figures half as tall in two tight groups, small against the pixel budget, so the full view
+    loses them and a crop gives them back (:class:`~dip_r1.data.synthetic.SceneStyle`)."""
     batch_size: int = 16
     """Images per optimiser step."""
     lr: float = 2e-3
@@ -225,7 +231,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
         warm = torch.optim.AdamW(
             [p for p in params if id(p) in vision] + list(head.parameters()), lr=c.vision_lr
         )
-        sources = stage_sources(cache, c.stages[0], c.seed * 100, c.scales)
+        sources = stage_sources(cache, c.stages[0], c.seed * 100, c.scales, c.styles)
         for i, batch in zip(
             range(c.vision_warmup), batches(processor, coordinates, sources, c.batch_size, c.seed, True)
         ):
@@ -238,7 +244,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
 
     step, total = 0, sum(s.steps for s in c.stages)
     for index, stage in enumerate(c.stages):
-        sources = stage_sources(cache, stage, c.seed * 100 + index, c.scales)
+        sources = stage_sources(cache, stage, c.seed * 100 + index, c.scales, c.styles)
         stream = batches(processor, coordinates, sources, c.batch_size, c.seed, True, c.max_pixels, zooming)
         for batch in zip(range(stage.steps), stream):
             batch = batch[1]
@@ -294,7 +300,34 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
 
 
 def _stages(text: str) -> list[Stage]:
-    return [Stage(*[int(v) for v in part.split(":")]) for part in text.split(",")]
+    """``steps:min:max[:n[:width:height]],...`` as stages."""
+    try:
+        stages = [Stage(*[int(v) for v in part.split(":")]) for part in text.split(",")]
+        if any(not 3 <= len(part.split(":")) <= 6 for part in text.split(",")):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"a stage is steps:min:max[:n[:width:height]], got {text!r}"
+        ) from None
+    return stages
+
+
+def _styles(text: str) -> list[tuple[float, int]]:
+    """``figure_scale:groups,...`` as pairs.
+
+    >>> _styles("1:0,0.5:2")
+    [(1.0, 0), (0.5, 2)]
+    """
+    try:
+        styles = [(float(a), int(b)) for a, b in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a style is figure_scale:groups, got {text!r}") from None
+    for scale, groups in styles:
+        if not 0 < scale <= 2 or groups < 0:
+            raise argparse.ArgumentTypeError(
+                f"a style's figure_scale lies in (0, 2] and its groups are at least 0, got {text!r}"
+            )
+    return styles
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,12 +339,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", default=d.family)
     parser.add_argument("--size", default=d.size)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--stages", type=_stages, default=None, help="steps:min:max[:n[:width:height]],...")
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        default=None,
+        help="steps:min:max[:n[:width:height]],...",
+    )
     parser.add_argument(
         "--scales",
         type=lambda t: [float(v) for v in t.split(",")],
         default=d.scales,
         help="image sizes of every stage as factors of its size, e.g. 0.8,1,1.2,1.4",
+    )
+    parser.add_argument(
+        "--styles",
+        type=_styles,
+        default=d.styles,
+        help="figure_scale:groups of every stage's scenes, e.g. 1:0,0.5:2 (figures half as tall in two groups)",
     )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -361,6 +405,7 @@ def _config(args: argparse.Namespace) -> TinyPretrain:
         seed=args.seed,
         stages=args.stages or default_curriculum(),
         scales=args.scales,
+        styles=args.styles,
         batch_size=args.batch_size,
         lr=args.lr,
         vision_lr=args.vision_lr,
