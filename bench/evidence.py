@@ -39,6 +39,7 @@ from pathlib import Path
 
 import _common
 import _evidence_arms as arms
+import _evidence_jobs as jobs
 import _evidence_plan as plan
 import _evidence_report as report
 import _evidence_run as run
@@ -119,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (tiny models: more threads only wait)"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes running arms side by side (2 on 2 cores: half the wall time); 1: in this process",
+    )
     args, rest = p.parse_known_args(argv)
     try:
         args.overrides = plan.overrides(rest)
@@ -133,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown arms {sorted(unknown)}: choose from {', '.join(arms.ARMS)}")
     if not Path(args.config).is_file():
         p.error(f"no recipe at {args.config}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     return args
 
 
@@ -148,49 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_flush_denormal(flushed)
 
 
-def run_arm(
-    ex: plan.Experiment, name: str, seed: int, base: str, grpo_seconds: list[float], earlier: dict | None
-) -> dict:
-    """Train one arm of one seed (``<arm>/seed<k>/``: the policy, ``fit.yaml``, ``validate.yaml``) and
-    evaluate it on the test sets; returns ``{"seconds", "evaluated", "early_stopping"?}``. ``earlier``: the
-    arm's seed-0 evaluation, reused by an untrained arm (greedy answers of the same weights are the same)."""
-    args, arm, out = ex.args, arms.ARMS[name], ex.out
-    folder, logs = out / name / f"seed{seed}", out / "logs" / name / f"seed{seed}"
-    run.remove(folder, logs)
-    if arm.trains == "none":
-        run.link_base(Path(base), folder)
-        record: dict = {"seconds": 0.0}
-    else:
-        how = f"how {name} seed {seed} was trained (dip-r1 fit --config this file)"
-        stopper = None
-        if arm.trains == "sft":
-            how += (
-                f"\nplus bench/evidence.py's early stopping on val/{plan.VALIDATION}/f1: patience "
-                f"{args.sft_patience} validations, at least the slowest GRPO arm's training time"
-            )
-            least = max([*grpo_seconds, args.sft_min_seconds])
-            stopper = run.BestPolicy(f"val/{plan.VALIDATION}/f1", args.sft_patience, least)
-        config = run.write_config(folder / "fit.yaml", ex.fit_config(arm, base, seed, logs), how)
-        record = run.train(config, base, folder, stopper)
-        if arm.trains == "grpo":
-            grpo_seconds.append(record["seconds"])
-    validate = run.write_config(
-        folder / "validate.yaml",
-        ex.validate_config(arm, folder),
-        f"dip-r1 validate --config {folder}/validate.yaml --data.val '[...]'\n"
-        f"evaluates {name} seed {seed} as bench/evidence.py did",
-    )
-    if arm.trains == "none" and earlier is not None:
-        record["evaluated"] = earlier
-    else:
-        picture = ex.picture_set if seed == 0 else None
-        record["evaluated"] = run.evaluate(validate, ex.test_sources(arm), picture)
-    return record
-
-
 def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """Run the arms, evaluate them, write the outputs; return the printed summary."""
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = plan.load_recipe(args)
@@ -208,46 +177,47 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
     controls: dict = {a: {} for a in names if arms.ARMS[a].trains == "none"}
     records: dict = {a: {} for a in names}
     pictures: dict = {}  # seed 0's evaluations, for the figure
-    for seed in range(args.seeds):
-        grpo_seconds: list[float] = []  # the least an SFT arm of this seed trains
-        for name in arms.order(names):
-            if name in skipped:
-                continue
-            earlier = records[name][0]["evaluated"] if seed else None
-            try:
-                record = run_arm(ex, name, seed, base, grpo_seconds, earlier)
-            except Exception as exc:
-                if arms.ARMS[name].look_mode == "text":
-                    raise
-                # A zoom arm on a dip_r1 whose zoom look is not complete: the arm is left out, saying why (the
-                # traceback goes to stderr), and the text arms run on.
-                traceback.print_exc(file=sys.stderr)
-                text = " ".join(str(exc).split())  # one line, a long message cut in its middle
-                text = text if len(text) <= 240 else f"{text[:80]} ... {text[-140:]}"
-                skipped[name] = f"failed on this dip_r1: {type(exc).__name__}: {text}"
-                run.remove(out / name, out / "logs" / name)  # no folder without a policy
-                run.stderr({"arm": name, "skipped": skipped[name]})
-                continue
-            evaluated = record["evaluated"]
-            per_seed[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.sets}
-            counts[name][seed] = evaluated["counts"]
-            if name in controls:
-                controls[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.controls}
-            if seed == 0:
-                pictures[name] = evaluated
-            else:  # what the figure does not need
-                record["evaluated"] = {
-                    k: v for k, v in evaluated.items() if k not in ("predictions", "images")
-                }
-            records[name][seed] = record
-            f1 = {s: stats.finite(per_seed[name][seed][s].get("f1"), 3) for s in ex.sets}
-            progress = {
-                "seed": seed,
-                "arm": name,
-                "train_s": record["seconds"],
-                "eval_s": evaluated["seconds"],
-            }
-            run.stderr({**progress, "f1": f1})
+    grpo_seconds: dict[int, list[float]] = {k: [] for k in range(args.seeds)}  # the least an SFT arm trains
+
+    def start(unit: jobs.Unit) -> tuple | None:
+        if unit.arm in skipped:
+            return None
+        earlier = records[unit.arm][0]["evaluated"] if unit.seed else None
+        return jobs.run_arm, ex, unit.arm, unit.seed, base, grpo_seconds[unit.seed], earlier
+
+    def finish(unit: jobs.Unit, future) -> None:
+        seed, name = unit
+        try:
+            record = future.result()
+        except Exception as exc:
+            if arms.ARMS[name].look_mode == "text":
+                raise
+            # A zoom arm on a dip_r1 whose zoom look is not complete: the arm is left out, saying why (the
+            # traceback goes to stderr), and the text arms run on.
+            traceback.print_exception(exc, file=sys.stderr)
+            text = " ".join(str(exc).split())  # one line, a long message cut in its middle
+            text = text if len(text) <= 240 else f"{text[:80]} ... {text[-140:]}"
+            skipped[name] = f"failed on this dip_r1: {type(exc).__name__}: {text}"
+            run.remove(out / name, out / "logs" / name)  # no folder without a policy
+            run.stderr({"arm": name, "skipped": skipped[name]})
+            return
+        if arms.ARMS[name].trains == "grpo":
+            grpo_seconds[seed].append(record["seconds"])
+        evaluated = record["evaluated"]
+        per_seed[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.sets}
+        counts[name][seed] = evaluated["counts"]
+        if name in controls:
+            controls[name][seed] = {s: evaluated["metrics"].get(s, {}) for s in ex.controls}
+        if seed == 0:
+            pictures[name] = evaluated
+        else:  # what the figure does not need
+            record["evaluated"] = {k: v for k, v in evaluated.items() if k not in ("predictions", "images")}
+        records[name][seed] = record
+        f1 = {s: stats.finite(per_seed[name][seed][s].get("f1"), 3) for s in ex.sets}
+        progress = {"seed": seed, "arm": name, "train_s": record["seconds"], "eval_s": evaluated["seconds"]}
+        run.stderr({**progress, "f1": f1, "s": round(time.perf_counter() - start_time, 1)})
+
+    jobs.run_units(jobs.units(names, args.seeds), names, start, finish, args.jobs, args.threads)
 
     names = [a for a in names if a not in skipped]
     per_seed, counts = ({a: d[a] for a in names} for d in (per_seed, counts))
@@ -300,7 +270,8 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
             for a in names
         },
     }
-    diagnostics["seconds"] = round(time.perf_counter() - start, 1)
+    diagnostics["seconds"] = round(time.perf_counter() - start_time, 1)
+    diagnostics["jobs"] = args.jobs
     (out / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
     (out / "results.md").write_text(report.markdown(results, diagnostics, ex.sets, METRICS))
     pictures = {a: pictures[a] for a in names if a in pictures}  # the table's order
