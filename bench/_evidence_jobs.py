@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -60,6 +61,20 @@ def needs(unit: Unit, names: list[str]) -> set[Unit]:
     if trains == "none" and unit.seed:
         return {Unit(0, unit.arm)}
     return set()
+
+
+def default_jobs(recipe: dict) -> int:
+    """Processes when ``--jobs`` is not given: on a recipe whose trainer says ``accelerator: cpu`` the cores, at
+    most 2 (the tiny models use one core each; two arms side by side halve the wall time on 2 cores), else 1
+    (one model per accelerator; Lightning's ``auto`` may pick a GPU).
+
+    >>> cpu = {"trainer": {"accelerator": "cpu"}}
+    >>> default_jobs({}), default_jobs({"trainer": {"accelerator": "gpu"}}), default_jobs(cpu) == min(2, os.cpu_count())
+    (1, 1, True)
+    """
+    if recipe.get("trainer", {}).get("accelerator") != "cpu":
+        return 1
+    return min(2, os.cpu_count() or 1)
 
 
 class _InProcess:

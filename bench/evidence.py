@@ -123,8 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
-        help="processes running arms side by side (2 on 2 cores: half the wall time); 1: in this process",
+        default=None,
+        help="processes running arms side by side; 1: in this process (default: on a CPU recipe the cores, at "
+        "most 2, which halves the wall time on 2 cores; else 1, one model per accelerator)",
     )
     args, rest = p.parse_known_args(argv)
     try:
@@ -140,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown arms {sorted(unknown)}: choose from {', '.join(arms.ARMS)}")
     if not Path(args.config).is_file():
         p.error(f"no recipe at {args.config}")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     return args
 
@@ -217,7 +218,8 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         progress = {"seed": seed, "arm": name, "train_s": record["seconds"], "eval_s": evaluated["seconds"]}
         run.stderr({**progress, "f1": f1, "s": round(time.perf_counter() - start_time, 1)})
 
-    jobs.run_units(jobs.units(names, args.seeds), names, start, finish, args.jobs, args.threads)
+    workers = args.jobs or jobs.default_jobs(recipe)
+    jobs.run_units(jobs.units(names, args.seeds), names, start, finish, workers, args.threads)
 
     names = [a for a in names if a not in skipped]
     per_seed, counts = ({a: d[a] for a in names} for d in (per_seed, counts))
@@ -271,7 +273,7 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
         },
     }
     diagnostics["seconds"] = round(time.perf_counter() - start_time, 1)
-    diagnostics["jobs"] = args.jobs
+    diagnostics["jobs"] = workers
     (out / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
     (out / "results.md").write_text(report.markdown(results, diagnostics, ex.sets, METRICS))
     pictures = {a: pictures[a] for a in names if a in pictures}  # the table's order

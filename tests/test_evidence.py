@@ -59,6 +59,8 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
         str(tmp_path / "none"),
         "--arms",
         ",".join(every),
+        "--jobs",
+        "2",  # arms side by side in two spawned processes (the real-data test below runs them in this one)
     ]
     load_bench("evidence").main(argv)
     assert torch.get_num_threads() == threads  # process-wide settings are handed back
@@ -89,6 +91,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     assert list(splits["controls"]) == ["control_in_domain_480x360"]
 
     diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert diagnostics["jobs"] == 2
     for arm in (a for a in ran if arms.ARMS[a].trains == "grpo"):
         training = diagnostics["arms"][arm]["training"]
         for reward in ("format", "look", "accuracy"):  # weight-0 rewards are logged too
@@ -193,6 +196,8 @@ def test_crowdhuman_recipe_runs_end_to_end_on_the_fixtures(tmp_path, capsys):
             str(out),
             "--arms",
             "base,sft,dip_r1",
+            "--jobs",
+            "1",
         ),
         *("--model.init_args.policy.path", str(base), "--model.init_args.policy.dtype", "float32"),
         *("--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.num_workers", "0"),
@@ -211,7 +216,7 @@ def test_crowdhuman_recipe_runs_end_to_end_on_the_fixtures(tmp_path, capsys):
         and validation["source"]["class_path"] == "dip_r1.data.sources.CrowdHuman"
     )
     diagnostics = json.loads((out / "diagnostics.json").read_text())
-    assert diagnostics["sets"]["ood_uavdt"]["images"] >= 1
+    assert diagnostics["sets"]["ood_uavdt"]["images"] >= 1 and diagnostics["jobs"] == 1
     assert diagnostics["arms"]["sft"]["early_stopping"][0]["history"]  # chosen on the held-out part
     fit = yaml.safe_load((out / "dip_r1" / "seed0" / "fit.yaml").read_text())
     assert fit["model"]["init_args"]["policy"]["lora"]["r"] == 16  # trained through adapters ...
@@ -347,3 +352,48 @@ def test_a_missing_base_is_built_by_the_recipes_warm_start(tmp_path):
     recipe["model"]["init_args"]["policy"]["path"] = str(tmp_path / "nothing")
     with pytest.raises(SystemExit, match="no checkpoint at"):
         plan.ensure_base(recipe, quick=False, out=tmp_path / "out")
+
+
+def test_units_start_once_what_they_need_is_done_and_in_order_otherwise():
+    from concurrent.futures import Future
+
+    jobs = load_bench("_evidence_jobs")
+    names = ["base", "dip_r1", "no_look_zoom", "sft"]
+    started, finished = [], []
+
+    def start(unit):
+        started.append(unit)
+        return None if unit.arm == "no_look_zoom" and unit.seed == 1 else (lambda u: u.arm.upper(), unit)
+
+    def finish(unit, future: Future):
+        finished.append((unit, future.result()))
+
+    jobs.run_units(jobs.units(names, 2), names, start, finish, jobs=1, threads=1)
+    order = [(u.seed, u.arm) for u in started]
+    assert order == [
+        (0, "base"),
+        (0, "dip_r1"),
+        (0, "no_look_zoom"),
+        (0, "sft"),  # after its seed's GRPO arms
+        (1, "base"),  # after seed 0's base: it reuses that evaluation
+        (1, "dip_r1"),
+        (1, "no_look_zoom"),  # skipped by start (None): counts as done, never finished
+        (1, "sft"),
+    ]
+    assert [u.arm for u, _ in finished if u.seed == 1] == ["base", "dip_r1", "sft"]
+    assert finished[0][1] == "BASE"
+
+
+def test_a_failed_unit_reaches_finish_through_its_future():
+    jobs = load_bench("_evidence_jobs")
+    seen = {}
+
+    def boom(unit):
+        raise ValueError(f"no zoom for {unit.arm}")
+
+    def finish(unit, future):
+        seen[unit.arm] = type(future.exception()).__name__
+
+    names = ["dip_r1_zoom", "sft"]
+    jobs.run_units(jobs.units(names, 1), names, lambda u: (boom, u), finish, jobs=1, threads=1)
+    assert seen == {"dip_r1_zoom": "ValueError", "sft": "ValueError"}
