@@ -188,6 +188,9 @@ def experiment(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     def finish(unit: jobs.Unit, future) -> None:
         seed, name = unit
+        if name in skipped:  # another seed of this arm failed while this one ran beside it (--jobs)
+            run.remove(out / name, out / "logs" / name)
+            return
         try:
             record = future.result()
         except Exception as exc:
