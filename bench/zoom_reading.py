@@ -24,6 +24,7 @@ import torch
 
 from dip_r1.boxes import box_iou
 from dip_r1.config import SamplingConfig
+from dip_r1.data.synthetic import SceneStyle
 from dip_r1.evaluation import DetectionEvaluator, predict
 from dip_r1.models import PolicySpec, load_policy
 from dip_r1.tiny.curriculum import batches, held_out_sets, stage_source
@@ -90,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
-    if not 0 < args.figure_scale <= 2:
-        p.error(f"--figure-scale must lie in (0, 2], got {args.figure_scale}")
-    if args.groups < 0:
-        p.error(f"--groups must be at least 0, got {args.groups}")
+    try:  # the generator's own checks, named by their flags
+        SceneStyle(figure_scale=args.figure_scale, groups=args.groups)
+    except ValueError as exc:
+        p.error(f"--{str(exc).replace('_', '-')}")
     if min(width, height) < 1:
         p.error(f"--size must be positive, got {args.size!r}")
     torch.set_num_threads(args.threads)

@@ -151,7 +151,7 @@ def test_zoom_stage_goes_on_from_a_base_and_scores_both_looks(tmp_path, tiny_che
         (["--look-mode", "sideways"], "invalid choice: 'sideways'"),
         (["--stages", "10:1"], "a stage is steps:min:max"),
         (["--styles", "0.5"], "a style is figure_scale:groups"),
-        (["--styles", "1:0,3:2"], "a style's figure_scale lies in (0, 2]"),
+        (["--styles", "1:0,3:2"], "a style's figure_scale must lie in (0, 2], got 3.0"),
     ],
 )
 def test_pretrain_refuses_a_bad_flag_in_one_line_before_building(tmp_path, capsys, flags, says):

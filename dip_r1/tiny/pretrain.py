@@ -301,32 +301,34 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
 
 def _stages(text: str) -> list[Stage]:
     """``steps:min:max[:n[:width:height]],...`` as stages."""
+    parts = [part.split(":") for part in text.split(",")]
     try:
-        stages = [Stage(*[int(v) for v in part.split(":")]) for part in text.split(",")]
-        if any(not 3 <= len(part.split(":")) <= 6 for part in text.split(",")):
+        if any(not 3 <= len(values) <= 6 for values in parts):
             raise ValueError
-    except (TypeError, ValueError):
+        return [Stage(*[int(v) for v in values]) for values in parts]
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"a stage is steps:min:max[:n[:width:height]], got {text!r}"
         ) from None
-    return stages
 
 
 def _styles(text: str) -> list[tuple[float, int]]:
-    """``figure_scale:groups,...`` as pairs.
+    """``figure_scale:groups,...`` as pairs, each checked by :class:`~dip_r1.data.synthetic.SceneStyle`.
 
     >>> _styles("1:0,0.5:2")
     [(1.0, 0), (0.5, 2)]
     """
+    from dip_r1.data.synthetic import SceneStyle
+
     try:
         styles = [(float(a), int(b)) for a, b in (part.split(":") for part in text.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(f"a style is figure_scale:groups, got {text!r}") from None
     for scale, groups in styles:
-        if not 0 < scale <= 2 or groups < 0:
-            raise argparse.ArgumentTypeError(
-                f"a style's figure_scale lies in (0, 2] and its groups are at least 0, got {text!r}"
-            )
+        try:
+            SceneStyle(figure_scale=scale, groups=groups)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"a style's {exc} (in {text!r})") from None
     return styles
 
 
