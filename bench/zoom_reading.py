@@ -3,13 +3,14 @@ how many of the boxes read off a crop (``"region": k``) match a person, against 
 and how many boxes repeat an earlier one of the same answer.
 
     python bench/zoom_reading.py --model data/tiny-qwen3_vl-zoom [--n 64] [--size 320x240] [--max-pixels 22000]
-        [--figure-scale 1] [--groups 0]
+        [--figure-scale 1] [--groups 0] [--seed 1000]
 
 ``--figure-scale 0.5`` draws figures half as tall (small against the pixel budget: the full view loses them and
 a crop gives them back); ``--groups`` stands them in tight groups.
 
-The held-out sets are ``dip_r1.pretrain``'s (seeds 1000 and 1001, 1-3 and 6-10 people), greedy answers. Prints
-one JSON object.
+The held-out sets are ``dip_r1.pretrain``'s (seeds 1000 and 1001, 1-3 and 6-10 people), greedy answers: the sets
+a base's stages are chosen on. ``--seed S`` draws the two sets from seeds ``S`` and ``S + 1`` instead (e.g. 3000:
+test sets nobody chose anything on). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the held-out images")
     p.add_argument("--figure-scale", type=float, default=1.0, help="figure heights times this, in (0, 2]")
     p.add_argument("--groups", type=int, default=0, help="figures stand in this many tight groups")
+    p.add_argument("--seed", type=int, default=1000, help="the sets' seeds: this one and the next")
     p.add_argument("--max-pixels", type=int, default=22000, help="the prompt builder's pixel budget")
     p.add_argument(
         "--zoom-max-pixels", type=int, default=None, help="a crop's pixel budget (default: the prompt's)"
@@ -106,10 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = TokenIds.of(model, processor)
     out: dict = {"model": args.model, "size": [width, height], "max_pixels": args.max_pixels, "n": args.n}
     out["zoom_max_pixels"] = args.zoom_max_pixels
-    out["figure_scale"], out["groups"] = args.figure_scale, args.groups
+    out["figure_scale"], out["groups"], out["seed"] = args.figure_scale, args.groups, args.seed
     sets = held_out_sets(args.n, width, height, args.figure_scale, args.groups)
     for i, (name, stage) in enumerate(sets.items()):
-        source = stage_source(Path(args.cache), "eval", stage, 1000 + i)
+        source = stage_source(Path(args.cache), "eval", stage, args.seed + i)
         for mode in ("zoom", "text"):
             sampling = SamplingConfig(
                 max_new_tokens=args.max_new_tokens,
