@@ -94,7 +94,7 @@ def test_short_pretrain_writes_a_loadable_base_with_its_scores(tmp_path):
     assert pretrain.__doc__
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3_vl-seeing", "tiny-qwen3_vl-zoom"])
+@pytest.mark.parametrize("name", ["tiny-qwen3_vl-seeing", "tiny-qwen3_vl-zoom", "tiny-qwen3_vl-zoom-far"])
 def test_committed_base_is_the_one_its_readme_describes(name):
     from pathlib import Path
 
