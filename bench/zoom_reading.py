@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
     if not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model} holds no checkpoint (no config.json)")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        p.error(f"--seed must be at least 0, got {args.seed}")
     for flag, value in (
         ("--n", args.n),
         ("--max-pixels", args.max_pixels),

@@ -69,6 +69,7 @@ def test_duplicate_share_counts_boxes_that_repeat_an_earlier_one():
         (["--zoom-max-pixels", "0"], "--zoom-max-pixels must be at least 1"),
         (["--figure-scale", "3"], "--figure-scale must lie in (0, 2]"),
         (["--groups", "-1"], "--groups must be >= 0"),
+        (["--seed", "-1"], "--seed must be at least 0"),
     ],
 )
 def test_zoom_reading_refuses_a_bad_flag_in_one_line(tiny_checkpoint, capsys, flags, says):
