@@ -28,7 +28,7 @@ from dip_r1.config import SamplingConfig
 from dip_r1.data.synthetic import SceneStyle
 from dip_r1.evaluation import DetectionEvaluator, predict
 from dip_r1.models import PolicySpec, load_policy
-from dip_r1.tiny.curriculum import batches, held_out_sets, stage_source
+from dip_r1.tiny.curriculum import HELD_OUT_SEED, batches, held_out_sets, stage_source
 from dip_r1.tokens import TokenIds
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the held-out images")
     p.add_argument("--figure-scale", type=float, default=1.0, help="figure heights times this, in (0, 2]")
     p.add_argument("--groups", type=int, default=0, help="figures stand in this many tight groups")
-    p.add_argument("--seed", type=int, default=1000, help="the sets' seeds: this one and the next")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="the sets' seeds: this one and the next")
     p.add_argument("--max-pixels", type=int, default=22000, help="the prompt builder's pixel budget")
     p.add_argument(
         "--zoom-max-pixels", type=int, default=None, help="a crop's pixel budget (default: the prompt's)"

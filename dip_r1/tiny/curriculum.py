@@ -47,6 +47,10 @@ def default_curriculum() -> list[Stage]:
     return [Stage(700, 1, 1, 3500), Stage(3800, 1, 3, 9000), Stage(2500, 1, 8, 7000)]
 
 
+HELD_OUT_SEED = 1000
+"""The held-out sets' first seed: set ``i`` of :func:`held_out_sets` is drawn with ``HELD_OUT_SEED + i``."""
+
+
 def held_out_sets(
     n: int = 64, width: int = 160, height: int = 120, figure_scale: float = 1.0, groups: int = 0
 ) -> dict[str, Stage]:

@@ -47,6 +47,7 @@ import torch
 
 from dip_r1.files import built_aside
 from dip_r1.tiny.curriculum import (
+    HELD_OUT_SEED,
     Stage,
     batches,
     default_curriculum,
@@ -215,7 +216,7 @@ def _pretrain(tmp: Path, out: Path, c: TinyPretrain, cache: Path, log, command: 
         for i, (name, s) in enumerate(held_out_sets(c.eval_images, *c.held_out_size).items()):
             for mode in ("zoom", "text") if zooming else ("text",):
                 loader = batches(
-                    processor, coordinates, [stage_source(cache, "eval", s, 1000 + i)], 16, 0, False,
+                    processor, coordinates, [stage_source(cache, "eval", s, HELD_OUT_SEED + i)], 16, 0, False,
                     c.max_pixels, zooming,
                 )  # fmt: skip
                 key = f"{name}/{mode}" if zooming else name
